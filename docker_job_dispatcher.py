@@ -1,0 +1,1902 @@
+#!/usr/bin/env python3
+"""docker-job-dispatcher: an HTTP API that turns requests into Docker jobs.
+
+Each request body is fed to a jq filter whose first output is a container
+manifest in the Docker Engine's "create container" shape plus a ``Name``.
+The dispatcher creates that container, labels it with a namespace, starts it
+(or leaves it to the scheduler when a concurrency limit is set) and lets
+clients look the job up by name. All state lives in Docker.
+
+Run it next to a Docker daemon::
+
+    pip install jq && python3 docker_job_dispatcher.py
+
+Every option also reads an environment variable of its name in upper case;
+``--help`` lists them. The Docker connection follows the Docker client
+conventions: ``DOCKER_HOST``, ``DOCKER_CERT_PATH`` and ``DOCKER_TLS_VERIFY``.
+
+Known limitations:
+
+- A jq evaluation holds Python's global interpreter lock: a filter that
+  loops for a long time on some input stalls every other request meanwhile.
+- ``cuid2`` gives one fresh id per evaluation: calling it twice in the same
+  filter run returns the same id.
+- A job that Docker refused to start has no finish time in Docker; the
+  cleaner counts it as finished when this process first saw it fail, so a
+  restart of the dispatcher restarts that clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import ssl
+import string
+import sys
+import threading
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import jq
+
+__version__ = "0.5.0"
+
+
+# --- Constants and the default filter -------------------------------------
+
+log = logging.getLogger("docker-job-dispatcher")
+
+# Docker's rule for container names; also the rule for job ids we accept.
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+
+# The label that groups every job of one dispatcher (or a fleet of them).
+NAMESPACE_LABEL = "docker-job-dispatcher.namespace"
+
+# The oldest Engine API whose fields and behaviour we rely on.
+MIN_API_VERSION = (1, 41)
+
+# Docker's way of saying "this time was never set".
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+# How long one ordinary Docker call may take before the daemon counts as down.
+DOCKER_TIMEOUT = 30.0
+
+# Readiness probes answer quickly, whatever the daemon does.
+PING_TIMEOUT = 3.0
+
+# Largest request body accepted by default; bigger ones get 413 unread.
+DEFAULT_MAX_BODY = 1024 * 1024
+
+# Request lines and header blocks longer than this are refused.
+MAX_HEADER_BYTES = 16 * 1024
+
+# A filter may need this many computed digests before we give up on it.
+MAX_DIGEST_ROUNDS = 32
+
+# Longest computed text whose digest is found by probing (see JobFilter).
+MAX_PROBED_TEXT = 256
+
+TRACE = 5
+LOG_LEVELS = {
+    "TRACE": TRACE,
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARN": logging.WARNING,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
+
+DEFAULT_FILTER = r"""
+# The built-in job: run $JOB_COMMAND with the body's "args" in $JOB_IMAGE.
+# The job is named after the body's "id", or after the SHA-1 of the whole
+# body, so that sending the same body twice names the same job.
+def setting($name; $fallback):
+  $ENV[$name] // "" | if . == "" then $fallback else . end;
+
+setting("JOB_TTL"; "") as $ttl
+| setting("JOB_NETWORK"; "") as $network
+| {
+    Name: (setting("JOB_NAME_PREFIX"; "demo-job-")
+           + (if .id == null then @sha1 else .id | tostring end)),
+    Image: setting("JOB_IMAGE"; "debian:stable-slim"),
+    Entrypoint: (
+      (if $ttl | test("^[0-9]+(\\.[0-9]+)?[smhd]?$")
+       then ["timeout", $ttl] else [] end)
+      + [setting("JOB_COMMAND"; "echo")]
+    ),
+    Cmd: .args,
+    Env: [
+      $ENV | to_entries[] | select(.key | startswith("JOB_ENV_"))
+      | "\(.key | ltrimstr("JOB_ENV_"))=\(.value)"
+    ],
+    HostConfig: ({
+      LogConfig: {
+        Type: "json-file",
+        Config: {"max-size": "10m", "max-file": "1"}
+      },
+      RestartPolicy: {
+        Name: "on-failure",
+        MaximumRetryCount: (setting("JOB_RETRIES"; "2") | tonumber)
+      }
+    } + if $network == "" then {} else {NetworkMode: $network} end)
+  }
+"""
+
+
+class DispatcherError(Exception):
+    """An error with the HTTP status and message the client should see."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- Docker client ---------------------------------------------------------
+
+
+class DockerError(Exception):
+    """Docker answered with an error status; carries Docker's message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class DockerUnavailable(Exception):
+    """The daemon could not be reached, or did not answer in time."""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection over a unix socket.
+
+    The host name only fills the Host header; Docker ignores it, and a socket
+    path there would make an invalid header.
+    """
+
+    def __init__(self, socket_path: str, timeout: float | None):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        """Open the unix socket."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def docker_address(transport: str, environ: dict[str, str]) -> dict[str, Any]:
+    """Return where and how to reach the daemon, as the Docker CLI would.
+
+    Raises ValueError for a ``DOCKER_HOST`` that does not fit the transport.
+    """
+    docker_host = environ.get("DOCKER_HOST", "").strip()
+    if transport == "socket":
+        path = "/var/run/docker.sock"
+        if docker_host.startswith("unix://"):
+            path = docker_host[len("unix://"):] or path
+            if not path.startswith("/"):
+                path = "/" + path
+        return {"transport": "socket", "path": path}
+
+    default_port = 2375 if transport == "http" else 2376
+    host, port = "localhost", default_port
+    if docker_host and not docker_host.startswith("unix://"):
+        parsed = urllib.parse.urlsplit(
+            docker_host if "://" in docker_host else "tcp://" + docker_host
+        )
+        if parsed.scheme not in ("tcp", "http", "https"):
+            raise ValueError(f"DOCKER_HOST {docker_host!r} is not a tcp:// address")
+        host = parsed.hostname or "localhost"
+        port = parsed.port or default_port
+    address = {"transport": transport, "host": host, "port": port}
+    if transport == "tls":
+        cert_path = environ.get("DOCKER_CERT_PATH") or os.path.join(
+            os.path.expanduser("~"), ".docker"
+        )
+        address["cert_path"] = cert_path
+        address["verify"] = bool(environ.get("DOCKER_TLS_VERIFY"))
+    return address
+
+
+def tls_context(cert_path: str, verify: bool) -> ssl.SSLContext:
+    """Return a client TLS context with the certificates in ``cert_path``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    ca_file = os.path.join(cert_path, "ca.pem")
+    if verify:
+        context.load_verify_locations(ca_file)
+    else:
+        # As the Docker CLI does without DOCKER_TLS_VERIFY: encrypt, but
+        # take the daemon's certificate on trust.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    cert_file = os.path.join(cert_path, "cert.pem")
+    key_file = os.path.join(cert_path, "key.pem")
+    if os.path.exists(cert_file) and os.path.exists(key_file):
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class DockerClient:
+    """A small Docker Engine API client over ``http.client``.
+
+    Connections are kept and reused; every call is thread-safe. The API
+    version is negotiated with the daemon on first contact.
+    """
+
+    def __init__(self, address: dict[str, Any], timeout: float = DOCKER_TIMEOUT):
+        self.address = address
+        self.timeout = timeout
+        self.api_prefix = ""
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._ssl_context = None
+        if address["transport"] == "tls":
+            self._ssl_context = tls_context(address["cert_path"], address["verify"])
+
+    def describe(self) -> str:
+        """Return the daemon's address for log lines."""
+        if self.address["transport"] == "socket":
+            return "unix://" + self.address["path"]
+        scheme = "https" if self.address["transport"] == "tls" else "http"
+        return f"{scheme}://{self.address['host']}:{self.address['port']}"
+
+    # -- connections and requests --
+
+    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        """Return a new, unconnected connection to the daemon."""
+        if self.address["transport"] == "socket":
+            return UnixHTTPConnection(self.address["path"], timeout)
+        if self.address["transport"] == "tls":
+            return http.client.HTTPSConnection(
+                self.address["host"],
+                self.address["port"],
+                timeout=timeout,
+                context=self._ssl_context,
+            )
+        return http.client.HTTPConnection(
+            self.address["host"], self.address["port"], timeout=timeout
+        )
+
+    def _checkout(self, timeout: float | None) -> tuple[Any, bool]:
+        """Return a connection and whether it was reused from the pool."""
+        with self._lock:
+            if self._idle:
+                connection = self._idle.pop()
+                connection.timeout = timeout
+                if connection.sock is not None:
+                    connection.sock.settimeout(timeout)
+                return connection, True
+        return self._new_connection(timeout), False
+
+    def _checkin(self, connection: http.client.HTTPConnection) -> None:
+        """Put a connection whose reply was read in full back in the pool."""
+        with self._lock:
+            if len(self._idle) < 32:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _send(
+        self, method: str, path: str, body: bytes | None, timeout: float | None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send one request and return the connection and its reply headers.
+
+        A pooled connection the daemon closed while idle is replaced once;
+        the request had not reached the daemon in that case.
+        """
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        for attempt in (1, 2):
+            connection, reused = self._checkout(timeout)
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                return connection, connection.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError) as error:
+                connection.close()
+                if reused and attempt == 1:
+                    continue
+                raise DockerUnavailable(
+                    f"Docker closed the connection: {error}"
+                ) from error
+            except socket.timeout as error:
+                connection.close()
+                raise DockerUnavailable(
+                    f"Docker did not answer within {timeout:g} s"
+                ) from error
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                raise DockerUnavailable(
+                    f"cannot reach Docker at {self.describe()}: {error}"
+                ) from error
+        raise AssertionError("unreachable")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        timeout: float | None = -1,
+    ) -> tuple[int, Any]:
+        """Call the API and return the status and the decoded JSON reply.
+
+        Raises DockerError for an error status and DockerUnavailable when
+        the daemon cannot be reached or does not answer in time.
+        """
+        if timeout == -1:
+            timeout = self.timeout
+        url = self._url(path, query)
+        payload = None if body is None else json.dumps(body).encode()
+        connection, response = self._send(method, url, payload, timeout)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise DockerUnavailable(f"Docker's reply broke off: {error}") from error
+        if response.will_close:
+            connection.close()
+        else:
+            self._checkin(connection)
+        log.log(TRACE, "Docker %s %s answered %s", method, url, response.status)
+        if response.status >= 400:
+            raise DockerError(response.status, error_message(data, response.status))
+        if not data:
+            return response.status, None
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, data.decode("utf-8", "replace")
+
+    def stream(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Open a long reply on a connection of its own and return both.
+
+        The caller reads the reply and closes the connection. Raises as
+        ``request`` does when the reply is an error.
+        """
+        url = self._url(path, query)
+        connection = self._new_connection(timeout)
+        try:
+            connection.request(method, url)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise DockerUnavailable(f"cannot reach Docker: {error}") from error
+        if response.status >= 400:
+            data = response.read()
+            connection.close()
+            raise DockerError(response.status, error_message(data, response.status))
+        return connection, response
+
+    def _url(self, path: str, query: dict[str, Any] | None) -> str:
+        """Return the versioned URL for ``path`` with ``query`` encoded."""
+        if not self.api_prefix and path != "/_ping":
+            self.negotiate()
+        url = (self.api_prefix if path != "/_ping" else "") + path
+        if query:
+            pairs = []
+            for key, value in query.items():
+                if value is None:
+                    continue
+                if isinstance(value, (dict, list)):
+                    value = json.dumps(value, separators=(",", ":"))
+                elif isinstance(value, bool):
+                    value = "1" if value else "0"
+                pairs.append((key, str(value)))
+            if pairs:
+                url += "?" + urllib.parse.urlencode(pairs)
+        return url
+
+    # -- the calls the dispatcher makes --
+
+    def negotiate(self) -> str:
+        """Agree on the API version with the daemon and return it."""
+        connection, response = self._send("GET", "/_ping", None, PING_TIMEOUT)
+        response.read()
+        self._checkin(connection)
+        version = response.headers.get("Api-Version", "")
+        try:
+            numbers = tuple(int(part) for part in version.split("."))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != 2:
+            raise DockerUnavailable(f"Docker sent no usable API version ({version!r})")
+        if numbers < MIN_API_VERSION:
+            raise DockerUnavailable(
+                f"Docker speaks API {version}; at least "
+                f"{MIN_API_VERSION[0]}.{MIN_API_VERSION[1]} is needed"
+            )
+        if self.api_prefix != "/v" + version:
+            log.info("Connected to Docker at %s, API %s", self.describe(), version)
+        self.api_prefix = "/v" + version
+        return version
+
+    def ping(self) -> None:
+        """Raise unless the daemon answers a ping promptly."""
+        self.request("GET", "/_ping", timeout=PING_TIMEOUT)
+
+    def create_container(
+        self, name: str, config: dict[str, Any], platform: str | None
+    ) -> dict[str, Any]:
+        """Create a container and return Docker's reply (``Id``)."""
+        query = {"name": name, "platform": platform}
+        return self.request("POST", "/containers/create", query, body=config)[1]
+
+    def start_container(self, container: str) -> None:
+        """Start a created container."""
+        self.request("POST", f"/containers/{quote(container)}/start")
+
+    def inspect_container(self, container: str) -> dict[str, Any]:
+        """Return the container's full description."""
+        return self.request("GET", f"/containers/{quote(container)}/json")[1]
+
+    def list_containers(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """Return the summaries of all containers matching ``filters``."""
+        query = {"all": True, "filters": filters}
+        return self.request("GET", "/containers/json", query)[1] or []
+
+    def remove_container(self, container: str, force: bool = False) -> None:
+        """Remove a container and its anonymous volumes."""
+        query = {"force": force, "v": True}
+        self.request("DELETE", f"/containers/{quote(container)}", query)
+
+
+def quote(text: str) -> str:
+    """Return ``text`` escaped for one URL path segment."""
+    return urllib.parse.quote(text, safe="")
+
+
+def error_message(data: bytes, status: int) -> str:
+    """Return the message in a Docker error body, or its text."""
+    try:
+        message = json.loads(data).get("message")
+        if message:
+            return str(message)
+    except (ValueError, AttributeError):
+        pass
+    text = data.decode("utf-8", "replace").strip()
+    return text or f"Docker answered {status}"
+
+
+# --- The jq layer -------------------------------------------------------------
+
+# A digest the filter needs but that was not handed to it travels out of jq
+# as this marker: base64 keeps the text intact wherever it ends up.
+DIGEST_MARKER = re.compile(r"\x01([A-Za-z0-9+/=]+)\x02")
+
+# The program around the user's filter. The input is an array: the request
+# body, the request path, the digests known so far, what to do with an
+# unknown digest, and a fresh cuid2. The filter's outputs are followed by a
+# final marker, so that a halt (no marker) tells apart from an empty result.
+FILTER_PRELUDE = (
+    "def djd_builtin_format($name): format($name); "
+    ". as [$djd_body, $PATH, $djd_digests, $djd_unknown, $djd_cuid] "
+    "| def format($name): "
+    "if $name == \"sha1\" or $name == \"md5\" then "
+    "(if type == \"string\" then . else tojson end) as $text "
+    "| $djd_digests[$name + \":\" + $text] // ("
+    "(\"\\u0001\" + ([$name, $text] | tojson | @base64) + \"\\u0002\") as $marker "
+    "| if $djd_unknown == \"halt\" then halt "
+    "elif $djd_unknown == \"error\" then error($marker) "
+    "elif ($djd_unknown | type) == \"object\" and $text < $djd_unknown.below "
+    "then halt "
+    "else $marker end) "
+    "else djd_builtin_format($name) end; "
+    "def cuid2: $djd_cuid; "
+    "$djd_body | (\n"
+)
+FILTER_EPILOGUE = "\n), {\"djd_end\": true}"
+END_MARKER = {"djd_end": True}
+
+CUID_ALPHABET = string.digits + string.ascii_lowercase
+
+
+def new_cuid2() -> str:
+    """Return a fresh 24-character cuid2-style id: a letter, then base 36."""
+    entropy = secrets.token_bytes(32) + str(time.time_ns()).encode()
+    number = int.from_bytes(hashlib.sha3_512(entropy).digest(), "big")
+    digits = []
+    while len(digits) < 23:
+        number, digit = divmod(number, 36)
+        digits.append(CUID_ALPHABET[digit])
+    return secrets.choice(string.ascii_lowercase) + "".join(digits)
+
+
+def digest(name: str, text: str) -> str:
+    """Return the lowercase hex digest ``name`` of the UTF-8 of ``text``."""
+    return hashlib.new(name, text.encode("utf-8")).hexdigest()
+
+
+class JobFilter:
+    """A compiled jq filter with the dispatcher's extensions.
+
+    ``$PATH``, ``cuid2``, ``@sha1`` and ``@md5`` are not part of jq: the
+    filter runs inside a small program that defines them. jq cannot hash,
+    so digests are computed here. A digest of a value the filter computes
+    is not known before the run; the run then halts at once (a halt cannot
+    be caught by the filter's ``try``), a discovery run learns the text to
+    hash, and the filter runs again with it, so a digest is never wrong.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self._source = FILTER_PRELUDE + text + FILTER_EPILOGUE
+        self._programs = [self._compile()]
+        self._lock = threading.Lock()
+
+    def _compile(self) -> Any:
+        """Return a fresh compiled program; raise ValueError with jq's words."""
+        try:
+            return jq.compile(self._source)
+        except ValueError as error:
+            raise ValueError(str(error).strip()) from None
+
+    def _run(self, input_text: str, limit: int) -> tuple[list[Any], bool]:
+        """Return up to ``limit`` outputs and whether the run reached its end.
+
+        Each thread takes a compiled program of its own, because a program
+        in use by one thread would be compiled again by the next.
+        """
+        with self._lock:
+            program = self._programs.pop() if self._programs else None
+        if program is None:
+            program = self._compile()
+        outputs = []
+        finished = False
+        try:
+            for value in program.input_text(input_text):
+                if value == END_MARKER:
+                    finished = True
+                    break
+                outputs.append(value)
+                if len(outputs) >= limit:
+                    break
+        finally:
+            with self._lock:
+                self._programs.append(program)
+        return outputs, finished
+
+    def evaluate(self, body_text: str, path: str, limit: int = 2) -> list[Any]:
+        """Run the filter on a JSON body text and return its first outputs.
+
+        Raises ValueError with jq's message when the filter fails.
+        """
+        digests: dict[str, str] = {}
+        cuid = new_cuid2()
+
+        def run(unknown: Any) -> tuple[list[Any], bool]:
+            tail = json.dumps([path, digests, unknown, cuid])
+            return self._run("[" + body_text + "," + tail[1:], limit)
+
+        for _ in range(MAX_DIGEST_ROUNDS):
+            outputs, finished = run("halt")
+            if outputs or finished:
+                return outputs
+
+            # The run halted: an unknown digest, or the filter's own halt.
+            # A marker returned as a value shows up in the outputs; one that
+            # got lost on the way may escape as an error instead.
+            try:
+                found, finished = run("value")
+                wanted = markers_in(found)
+            except ValueError as error:
+                finished = True
+                wanted = markers_in(str(error))
+            if not wanted and finished:
+                try:
+                    run("error")
+                except ValueError as error:
+                    wanted = markers_in(str(error))
+            if not wanted and finished:
+                wanted = self._smallest_unknown(run)
+            if not wanted:
+                return []
+            for name, text in wanted:
+                digests[f"{name}:{text}"] = digest(name, text)
+        raise ValueError(
+            f"the filter needs more than {MAX_DIGEST_ROUNDS} computed digests"
+        )
+
+    def _smallest_unknown(self, run) -> set[tuple[str, str]]:
+        """Find an unknown digest's text by asking only yes-or-no questions.
+
+        A run halts at the first unknown text below a bound and returns
+        markers for the others, so it halts exactly when the smallest
+        unknown text is below the bound. That text is found one character
+        at a time by bisection; this is slow, and only used when the
+        filter hid every marker behind ``try`` and string operations.
+        """
+        def below(bound: str) -> bool:
+            try:
+                outputs, finished = run({"below": bound})
+            except ValueError:
+                return False
+            return not finished
+
+        prefix = ""
+        while not below(prefix + "\x00"):
+            if len(prefix) >= MAX_PROBED_TEXT:
+                raise ValueError(
+                    "the filter hides a digest of a long computed text "
+                    "behind try; compute it outside try"
+                )
+            low, high = 0, sys.maxunicode
+            while low < high:
+                middle = (low + high + 1) // 2
+                if 0xD800 <= middle <= 0xDFFF:
+                    middle = 0xE000
+                if below(prefix + chr(middle)):
+                    high = middle - 1 if middle != 0xE000 else 0xD7FF
+                else:
+                    low = middle
+            prefix += chr(low)
+        # The probe only tells which text; each digest name is then tried.
+        return {(name, prefix) for name in ("sha1", "md5")}
+
+
+def markers_in(value: Any) -> set[tuple[str, str]]:
+    """Return the (digest name, text) pairs of all markers inside ``value``."""
+    found = set()
+    if isinstance(value, str):
+        for match in DIGEST_MARKER.finditer(value):
+            try:
+                name, text = json.loads(base64.b64decode(match.group(1)))
+            except ValueError:
+                continue
+            found.add((name, text))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found |= markers_in(key) | markers_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= markers_in(item)
+    return found
+
+
+def compile_filter(text: str) -> JobFilter:
+    """Return the compiled filter; raise ValueError with jq's message.
+
+    jq's line numbers are those of the filter as written.
+    """
+    try:
+        return JobFilter(text)
+    except ValueError as error:
+        message = re.sub(r"\n?jq: \d+ compile errors?$", "", str(error))
+        if "djd_end" in message:
+            # jq read past the filter into the program around it.
+            message = "jq: error: syntax error: the filter ends too early"
+            message += " (an unclosed bracket, parenthesis or string?)"
+        # The filter starts on the second line of the program around it.
+        message = re.sub(
+            r"line (\d+)", lambda match: f"line {int(match.group(1)) - 1}", message
+        )
+        raise ValueError(message) from None
+
+
+# --- Jobs ---------------------------------------------------------------------
+
+
+def parse_docker_time(text: str | None) -> float | None:
+    """Return a Docker RFC 3339 time as Unix seconds, or None if never set."""
+    if not text or text.startswith("0001-01-01"):
+        return None
+    match = re.match(
+        r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text
+    )
+    if not match:
+        return None
+    whole, fraction, zone = match.groups()
+    zone = "+00:00" if zone == "Z" else zone
+    moment = datetime.fromisoformat(whole + zone)
+    return moment.timestamp() + float("0." + (fraction or "0"))
+
+
+def human_duration(seconds: float) -> str:
+    """Return a duration in the words the Docker CLI uses."""
+    if seconds < 1:
+        return "Less than a second"
+    if int(seconds) == 1:
+        return "1 second"
+    if seconds < 60:
+        return f"{int(seconds)} seconds"
+    minutes = int(seconds / 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
+
+
+def human_status(state: dict[str, Any], now: float) -> str:
+    """Return Docker's human status line ("Up 3 seconds") for a state."""
+    started = parse_docker_time(state.get("StartedAt"))
+    finished = parse_docker_time(state.get("FinishedAt"))
+    word = state.get("Status")
+    exit_code = state.get("ExitCode", 0)
+    if word == "restarting":
+        return f"Restarting ({exit_code}) {human_duration(now - (finished or now))} ago"
+    if word in ("running", "paused"):
+        up = "Up " + human_duration(now - (started or now))
+        return up + " (Paused)" if word == "paused" else up
+    if word == "removing":
+        return "Removal In Progress"
+    if word == "dead":
+        return "Dead"
+    if started is None:
+        return "Created"
+    if finished is None:
+        return ""
+    return f"Exited ({exit_code}) {human_duration(now - finished)} ago"
+
+
+def job_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """Return the API's description of a job from Docker's inspect reply."""
+    state = info.get("State") or {}
+    word = state.get("Status")
+    if word == "created" and state.get("Error"):
+        word = "failed"
+    created = parse_docker_time(info.get("Created"))
+    ran = word in ("exited", "failed", "dead") or (
+        word == "restarting" and parse_docker_time(state.get("FinishedAt"))
+    )
+    return {
+        "id": info.get("Name", "").lstrip("/"),
+        "created": int(created) if created is not None else None,
+        "status": human_status(state, time.time()),
+        "state": word,
+        "exit_code": state.get("ExitCode") if ran else None,
+        "started_at": none_if_zero(state.get("StartedAt")),
+        "finished_at": none_if_zero(state.get("FinishedAt")),
+        "error": state.get("Error") or None,
+    }
+
+
+def none_if_zero(text: str | None) -> str | None:
+    """Return a Docker time string, or None where the time was never set."""
+    return None if parse_docker_time(text) is None else text
+
+
+class Dispatcher:
+    """The job logic: submissions and lookups, on top of Docker."""
+
+    def __init__(
+        self,
+        docker: DockerClient,
+        job_filter: JobFilter,
+        namespace: str,
+        max_concurrent: int | None,
+    ):
+        self.docker = docker
+        self.job_filter = job_filter
+        self.namespace = namespace
+        self.max_concurrent = max_concurrent
+        self.scheduler: Upkeep | None = None
+
+    # -- submission --
+
+    def build_manifest(self, body_text: str, path: str) -> dict[str, Any]:
+        """Run the filter on a request and return the checked manifest.
+
+        Raises DispatcherError (400) when the filter fails or its output
+        is not a usable manifest.
+        """
+        try:
+            outputs = self.job_filter.evaluate(body_text, path)
+        except ValueError as error:
+            raise DispatcherError(400, f"The filter failed: {error}") from None
+        if not outputs:
+            raise DispatcherError(400, "The filter produced no output")
+        if len(outputs) > 1:
+            log.warning("Filter produced more than one output; using the first")
+        manifest = outputs[0]
+        if not isinstance(manifest, dict):
+            raise DispatcherError(
+                400, f"The filter's output must be an object, not {json_type(manifest)}"
+            )
+        name = manifest.get("Name")
+        if not isinstance(name, str):
+            raise DispatcherError(400, "The filter's output needs a string Name")
+        if not NAME_PATTERN.match(name):
+            raise DispatcherError(
+                400,
+                f"The filter's Name {name!r} is not a valid container name "
+                "(letters, digits, '_', '.', '-'; at least two characters)",
+            )
+        platform = manifest.get("Platform")
+        if platform is not None and not isinstance(platform, str):
+            raise DispatcherError(400, "The filter's Platform must be a string")
+        labels = manifest.get("Labels")
+        if labels is None:
+            labels = {}
+        if not isinstance(labels, dict) or not all(
+            isinstance(value, str) for value in labels.values()
+        ):
+            raise DispatcherError(
+                400, "The filter's Labels must be an object of strings"
+            )
+        manifest = dict(manifest)
+        manifest["Labels"] = {**labels, NAMESPACE_LABEL: self.namespace}
+        return manifest
+
+    def submit(self, body_text: str, path: str) -> tuple[int, dict[str, Any]]:
+        """Create the job a request describes; return the status and reply."""
+        manifest = self.build_manifest(body_text, path)
+        name = manifest.pop("Name")
+        platform = manifest.pop("Platform", None)
+        log.debug("Creating job %r from %s", name, json.dumps(manifest))
+
+        try:
+            self.docker.create_container(name, manifest, platform)
+        except DockerError as error:
+            if error.status == 409:
+                return self._existing_job(name)
+            if error.status in (400, 404):
+                log.warning("Refused job %r: %s", name, error.message)
+                raise DispatcherError(400, f"Docker refused the job: {error.message}")
+            raise DispatcherError(502, f"Docker failed to create the job: {error}")
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        log.info("Created job %r", name)
+
+        if self.max_concurrent is None:
+            self.start_job(name, reply_errors=True)
+        elif self.scheduler is not None:
+            self.scheduler.wake()
+        return 201, {"id": name}
+
+    def _existing_job(self, name: str) -> tuple[int, dict[str, Any]]:
+        """Answer a submission whose name is taken: 200 if it is our job."""
+        info = self.inspect_job(name)
+        if info is None:
+            raise DispatcherError(
+                409,
+                f"A container named {name!r} exists but is not a job of "
+                f"namespace {self.namespace!r}",
+            )
+        log.info("Found existing job %r", name)
+        state = info.get("State") or {}
+        if (
+            self.max_concurrent is None
+            and state.get("Status") == "created"
+            and not state.get("Error")
+        ):
+            # Created by an earlier request that could not start it.
+            self.start_job(name, reply_errors=True)
+        return 200, {"id": name}
+
+    def start_job(self, name: str, reply_errors: bool = False) -> bool:
+        """Start a created job; return whether Docker started it.
+
+        With ``reply_errors`` a failure raises DispatcherError (502).
+        """
+        try:
+            self.docker.start_container(name)
+        except (DockerError, DockerUnavailable) as error:
+            log.warning("Failed to start job %r: %s", name, error)
+            if reply_errors:
+                raise DispatcherError(
+                    502, f"The job {name!r} was created but not started: {error}"
+                ) from None
+            return False
+        log.info("Started job %r", name)
+        return True
+
+    # -- lookups --
+
+    def inspect_job(self, job_id: str) -> dict[str, Any] | None:
+        """Return Docker's description of a job of our namespace, or None.
+
+        Raises DispatcherError (502) when Docker cannot be asked.
+        """
+        if not NAME_PATTERN.match(job_id):
+            return None
+        try:
+            info = self.docker.inspect_container(job_id)
+        except DockerError as error:
+            if error.status == 404:
+                return None
+            raise DispatcherError(502, f"Docker failed to look up the job: {error}")
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        # Docker also finds containers by id prefix: insist on the name.
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if info.get("Name") != "/" + job_id or labels.get(NAMESPACE_LABEL) != self.namespace:
+            return None
+        return info
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """Return the summary of a job; raise DispatcherError (404) if none."""
+        info = self.inspect_job(job_id)
+        if info is None:
+            raise DispatcherError(404, f"Job {job_id!r} not found")
+        log.debug("Fetched job %r", job_id)
+        return job_summary(info)
+
+
+def json_type(value: Any) -> str:
+    """Return the jq name of a JSON value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+
+# --- Upkeep: scheduling and cleaning ----------------------------------------
+
+
+class Upkeep:
+    """Starts pending jobs within the limit and removes old exited jobs.
+
+    One thread runs the passes, so they never overlap. It wakes on a
+    ``threading.Timer`` every interval, and at once when a job is submitted
+    or Docker reports that a job of the namespace died, so that a free slot
+    is filled without waiting for the next tick. Start calls run in threads
+    of their own and count as occupied slots until Docker answers.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        interval: float,
+        keep_exited_for: float | None,
+    ):
+        self.dispatcher = dispatcher
+        self.docker = dispatcher.docker
+        self.interval = interval
+        self.keep_exited_for = keep_exited_for
+        self.label = f"{NAMESPACE_LABEL}={dispatcher.namespace}"
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._clean_due = True
+        self._timer: threading.Timer | None = None
+        self._threads: list[threading.Thread] = []
+        self._events_connection: http.client.HTTPConnection | None = None
+        # Start calls in flight, by container id.
+        self._starting: dict[str, str] = {}
+        # Jobs whose die event came in lately, by container id.
+        self._died: dict[str, float] = {}
+        # Jobs Docker refused to start, with the time we saw it.
+        self._failed: dict[str, float] = {}
+        # Creation and finish times, which never change once known.
+        self._created: dict[str, float] = {}
+        self._finished: dict[str, float] = {}
+        self._failing_since: float | None = None
+        self._events_failing = False
+
+    # -- the loop --
+
+    def start(self) -> None:
+        """Start the upkeep thread, the event stream and the timer."""
+        for target, name in (
+            (self._run_passes, "upkeep"),
+            (self._follow_events, "docker-events"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._arm_timer()
+        self.wake()
+
+    def stop(self) -> None:
+        """Stop the loop and the event stream, and wait for them briefly."""
+        self._stopping.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake.set()
+        connection = self._events_connection
+        if connection is not None and connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def wake(self) -> None:
+        """Ask for a scheduling pass as soon as possible."""
+        self._wake.set()
+
+    def _arm_timer(self) -> None:
+        """Schedule the next tick."""
+        if self._stopping.is_set():
+            return
+        self._timer = threading.Timer(self.interval, self._tick)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _tick(self) -> None:
+        """Ask for a full pass, cleaning included, and arm the next tick."""
+        self._clean_due = True
+        self._wake.set()
+        self._arm_timer()
+
+    def _run_passes(self) -> None:
+        """Run a pass each time the loop is woken, until stopped."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            self.run_pass()
+
+    def run_pass(self) -> None:
+        """Schedule, then clean when due; log a failure once, and recovery."""
+        try:
+            self.schedule()
+            if self._clean_due:
+                self._clean_due = False
+                self.clean()
+        except (DockerError, DockerUnavailable) as error:
+            if self._failing_since is None:
+                log.error("Upkeep failed, retrying every %g s: %s", self.interval, error)
+                self._failing_since = time.monotonic()
+            return
+        except Exception:
+            if self._failing_since is None:
+                log.exception("Upkeep failed unexpectedly")
+                self._failing_since = time.monotonic()
+            return
+        if self._failing_since is not None:
+            log.info(
+                "Upkeep recovered after %.1f s",
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
+
+    # -- scheduling --
+
+    def schedule(self) -> None:
+        """Start the oldest pending jobs while slots are free."""
+        limit = self.dispatcher.max_concurrent
+        if not limit:
+            return
+
+        # Count the occupied slots: start calls in flight, plus what Docker
+        # lists as running. A container listed as running after its die
+        # event may be dead already: ask Docker about it directly.
+        with self._lock:
+            starting = dict(self._starting)
+            died = dict(self._died)
+        active = self.docker.list_containers(
+            {"label": [self.label], "status": ["running", "restarting"]}
+        )
+        occupied = len(starting)
+        for container in active:
+            container_id = container["Id"]
+            if container_id in starting:
+                continue
+            if container_id in died and not self._still_active(container_id):
+                continue
+            occupied += 1
+        free = limit - occupied
+        if free <= 0:
+            return
+
+        # Pick the oldest pending jobs that are not known to be broken.
+        pending = [
+            container
+            for container in self.docker.list_containers(
+                {"label": [self.label], "status": ["created"]}
+            )
+            if container["Id"] not in starting and container["Id"] not in self._failed
+        ]
+        for container in self._oldest(pending, free):
+            name = container["Names"][0].lstrip("/")
+            with self._lock:
+                self._starting[container["Id"]] = name
+            thread = threading.Thread(
+                target=self._start_job,
+                args=(container["Id"], name),
+                name=f"start-{name}",
+                daemon=True,
+            )
+            thread.start()
+
+    def _still_active(self, container_id: str) -> bool:
+        """Return whether a container is really running or restarting."""
+        try:
+            info = self.docker.inspect_container(container_id)
+        except DockerError as error:
+            if error.status == 404:
+                return False
+            raise
+        return info["State"]["Status"] in ("running", "restarting")
+
+    def _oldest(
+        self, pending: list[dict[str, Any]], count: int
+    ) -> list[dict[str, Any]]:
+        """Return up to ``count`` pending jobs in creation order.
+
+        The list gives creation times in whole seconds; the precise time of
+        the jobs that may be chosen comes from inspecting them once. Jobs
+        whose start Docker refused before are set aside on the way.
+        """
+        pending.sort(key=lambda container: container["Created"])
+        if len(pending) > count:
+            cutoff = pending[count - 1]["Created"]
+            pending = [c for c in pending if c["Created"] <= cutoff]
+        chosen = []
+        for container in pending:
+            container_id = container["Id"]
+            if container_id not in self._created:
+                try:
+                    info = self.docker.inspect_container(container_id)
+                except DockerError as error:
+                    if error.status == 404:
+                        continue
+                    raise
+                if info["State"].get("Error"):
+                    self._mark_failed(container_id, info["Name"].lstrip("/"),
+                                      info["State"]["Error"])
+                    continue
+                self._created[container_id] = parse_docker_time(info["Created"]) or 0.0
+            chosen.append(container)
+        chosen.sort(
+            key=lambda container: (self._created[container["Id"]], container["Names"][0])
+        )
+        return chosen[:count]
+
+    def _start_job(self, container_id: str, name: str) -> None:
+        """Start one job, note a refusal, and free its slot afterwards."""
+        try:
+            self.docker.start_container(container_id)
+            log.info("Started job %r", name)
+        except DockerError as error:
+            self._mark_failed(container_id, name, error.message)
+        except DockerUnavailable as error:
+            log.warning("Failed to start job %r, will retry: %s", name, error)
+        finally:
+            with self._lock:
+                self._starting.pop(container_id, None)
+                self._created.pop(container_id, None)
+            self.wake()
+
+    def _mark_failed(self, container_id: str, name: str, message: str) -> None:
+        """Remember that Docker refused to start a job, and say so once."""
+        with self._lock:
+            if container_id in self._failed:
+                return
+            self._failed[container_id] = time.time()
+        log.warning("Failed to start job %r, not retrying: %s", name, message)
+
+    # -- Docker's event stream --
+
+    def _follow_events(self) -> None:
+        """Follow the namespace's container events, reconnecting as needed."""
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                connection, response = self.docker.stream(
+                    "GET",
+                    "/events",
+                    {"filters": {"type": ["container"], "label": [self.label]}},
+                )
+            except (DockerError, DockerUnavailable) as error:
+                if not self._events_failing:
+                    log.warning("Lost Docker's event stream, reconnecting: %s", error)
+                    self._events_failing = True
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._events_connection = connection
+            if self._events_failing:
+                log.info("Following Docker's event stream again")
+                self._events_failing = False
+                self.wake()
+            backoff = 0.1
+            try:
+                while not self._stopping.is_set():
+                    line = response.readline()
+                    if not line:
+                        break
+                    self._on_event(json.loads(line))
+            except (OSError, ValueError, http.client.HTTPException) as error:
+                log.debug("Docker's event stream broke: %s", error)
+            finally:
+                connection.close()
+                self._events_connection = None
+            if not self._stopping.is_set() and not self._events_failing:
+                log.warning("Lost Docker's event stream, reconnecting")
+                self._events_failing = True
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """Note a job's death and wake the scheduler to fill its slot."""
+        action = event.get("Action") or event.get("status") or ""
+        actor = event.get("Actor") or {}
+        if action != "die":
+            return
+        container_id = actor.get("ID") or event.get("id") or ""
+        now = time.time()
+        with self._lock:
+            self._died[container_id] = now
+            for known, when in list(self._died.items()):
+                if now - when > 60:
+                    del self._died[known]
+        log.debug(
+            "Job %r died with exit code %s",
+            (actor.get("Attributes") or {}).get("name"),
+            (actor.get("Attributes") or {}).get("exitCode"),
+        )
+        self.wake()
+
+    # -- cleaning --
+
+    def clean(self) -> None:
+        """Remove the namespace's jobs that finished long enough ago."""
+        keep = self.keep_exited_for
+        if keep is None:
+            return
+        now = time.time()
+
+        exited = self.docker.list_containers(
+            {"label": [self.label], "status": ["exited", "dead"]}
+        )
+        finished = {}
+        for container in exited:
+            container_id = container["Id"]
+            when = self._finished.get(container_id)
+            if when is None:
+                try:
+                    info = self.docker.inspect_container(container_id)
+                except DockerError as error:
+                    if error.status == 404:
+                        continue
+                    raise
+                when = parse_docker_time(info["State"].get("FinishedAt")) or now
+            finished[container_id] = when
+        self._finished = finished
+
+        # Jobs that Docker refused to start have no finish time of their
+        # own: they count as finished when the refusal was seen.
+        if self.dispatcher.max_concurrent is None:
+            self._find_failed_starts()
+        with self._lock:
+            failed = dict(self._failed)
+        for container_id, when in list(finished.items()) + list(failed.items()):
+            if now - when <= keep:
+                continue
+            try:
+                self.docker.remove_container(container_id, force=True)
+                log.info("Removed job %r", container_id[:12])
+            except DockerError as error:
+                if error.status != 404:
+                    log.warning("Failed to remove job %r: %s", container_id[:12], error)
+                    continue
+            self._finished.pop(container_id, None)
+            with self._lock:
+                self._failed.pop(container_id, None)
+
+    def _find_failed_starts(self) -> None:
+        """Note created jobs whose start Docker refused earlier."""
+        created = self.docker.list_containers(
+            {"label": [self.label], "status": ["created"]}
+        )
+        for container in created:
+            if container["Id"] in self._failed:
+                continue
+            try:
+                info = self.docker.inspect_container(container["Id"])
+            except DockerError:
+                continue
+            if info["State"].get("Error"):
+                self._mark_failed(
+                    container["Id"], info["Name"].lstrip("/"), info["State"]["Error"]
+                )
+
+
+# --- HTTP handler ---------------------------------------------------------------
+
+
+class RequestError(DispatcherError):
+    """A malformed request; the connection is closed after the answer."""
+
+
+class DispatcherServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server with a cap on the connections served at once."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address, dispatcher: Dispatcher, options: argparse.Namespace):
+        self.dispatcher = dispatcher
+        self.options = options
+        self.upkeep: Upkeep | None = None
+        self.stopping = False
+        self._slots = threading.BoundedSemaphore(options.max_connections)
+        self._connections: dict[socket.socket, DispatcherHandler] = {}
+        self._connections_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, DispatcherHandler)
+
+    def server_bind(self) -> None:
+        """Bind; on an IPv6 address accept IPv4 clients as well."""
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def process_request(self, request, client_address) -> None:
+        """Serve the connection in a thread, or turn it away when full."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(
+                    plain_response(503, "The server is busy; try again shortly")
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        """Serve one connection, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(request, None)
+            self._slots.release()
+
+    def track(self, request: socket.socket, handler: Any) -> None:
+        """Remember an open connection, so that a stop can close it."""
+        with self._connections_lock:
+            self._connections[request] = handler
+
+    def close_idle_connections(self) -> None:
+        """End the connections that wait for a request; busy ones finish."""
+        self.stopping = True
+        with self._connections_lock:
+            handlers = list(self._connections.items())
+        for request, handler in handlers:
+            if not handler.busy:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def plain_response(status: int, message: str) -> bytes:
+    """Return a whole HTTP response carrying a JSON error, as bytes."""
+    body = json.dumps({"error": {"code": status, "message": message}}).encode()
+    reason = http.HTTPStatus(status).phrase
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class DispatcherHandler(http.server.BaseHTTPRequestHandler):
+    """Answers the API's routes; every error is a JSON body."""
+
+    server: DispatcherServer
+    server_version = f"docker-job-dispatcher/{__version__}"
+    protocol_version = "HTTP/1.1"
+    busy = False
+
+    def setup(self) -> None:
+        """Apply the read timeout and register the connection."""
+        self.timeout = self.server.options.read_timeout
+        super().setup()
+        self.server.track(self.request, self)
+
+    def handle_one_request(self) -> None:
+        """Serve one request; mark the connection busy while doing so."""
+        if self.server.stopping:
+            self.close_connection = True
+            return
+        try:
+            super().handle_one_request()
+        except socket.timeout:
+            self.close_connection = True
+        finally:
+            self.busy = False
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers, then count as busy."""
+        self.busy = True
+        return super().parse_request()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Send http.server's own messages to our log, at debug level."""
+        log.debug("HTTP %s: %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain=None) -> None:
+        """Answer protocol errors found by http.server in JSON too."""
+        self.close_connection = True
+        self.reply(code, error_body(code, message or http.HTTPStatus(code).phrase))
+
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self.dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self.dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self.dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    def do_OPTIONS(self) -> None:
+        self.dispatch("OPTIONS")
+
+    def dispatch(self, method: str) -> None:
+        """Route one request, answer it and log the outcome."""
+        started = time.perf_counter()
+        target = urllib.parse.urlsplit(self.path)
+        path = target.path.rstrip("/") or "/"
+        self.query = urllib.parse.parse_qs(target.query)
+        try:
+            status, payload, headers = self.route(method, path)
+        except DispatcherError as error:
+            if isinstance(error, RequestError):
+                self.close_connection = True
+            status, payload, headers = error.status, error_body(error.status, error.message), {}
+        except Exception:
+            log.exception("Request %s %r failed", method, path)
+            status, payload, headers = 500, error_body(500, "Internal error"), {}
+        self.reply(status, payload, headers, head_only=method == "HEAD")
+        log.info(
+            "Answered %s %r with %d in %.1f ms",
+            method,
+            path,
+            status,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def route(
+        self, method: str, path: str
+    ) -> tuple[int, Any, dict[str, str]]:
+        """Return the status, reply and extra headers for a request."""
+        dispatcher = self.server.dispatcher
+        if path == "/job" or path.startswith("/job/"):
+            job_id = path[len("/job/"):]
+            allowed = ["POST"] if "/" in job_id or not job_id else ["GET", "HEAD", "POST"]
+            if method == "POST":
+                body = self.read_body()
+                status, reply = dispatcher.submit(body, path)
+                return status, reply, {}
+            if method not in allowed:
+                return self.not_allowed(method, allowed)
+            self.discard_body()
+            return 200, dispatcher.get_job(job_id), {}
+
+        if path in ("/health/live", "/health/ready"):
+            if method not in ("GET", "HEAD"):
+                return self.not_allowed(method, ["GET", "HEAD"])
+            self.discard_body()
+            if path == "/health/live":
+                return 204, None, {}
+            try:
+                dispatcher.docker.ping()
+            except (DockerError, DockerUnavailable) as error:
+                return 503, error_body(503, f"Docker is unavailable: {error}"), {}
+            return 204, None, {}
+
+        self.discard_body()
+        return 404, error_body(404, "Route not found"), {}
+
+    def not_allowed(self, method: str, allowed: list[str]) -> tuple[int, Any, dict[str, str]]:
+        """Return a 405 reply listing the methods the path takes."""
+        self.discard_body()
+        message = f"Method {method} is not allowed here; use {', '.join(allowed)}"
+        return 405, error_body(405, message), {"Allow": ", ".join(allowed)}
+
+    # -- bodies --
+
+    def read_body(self) -> str:
+        """Return the request body as checked JSON text ("null" if empty).
+
+        Raises RequestError for a body that is too large, cut short or not
+        JSON; bodies over the limit are refused before they are read.
+        """
+        limit = self.server.options.max_body
+        raw = self.read_raw_body(limit)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DispatcherError(
+                400, f"The body is not valid UTF-8 (byte {error.start})"
+            ) from None
+        text = text.lstrip("\ufeff")
+        if not text.strip():
+            return "null"
+        try:
+            json.loads(text, parse_constant=reject_constant)
+        except ValueError as error:
+            raise DispatcherError(400, f"The body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise DispatcherError(400, "The body is nested too deeply") from None
+        return text
+
+    def read_raw_body(self, limit: int) -> bytes:
+        """Return the raw body bytes, reading at most ``limit`` of them."""
+        length = self.headers.get("Content-Length")
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding is not None:
+            if length is not None:
+                raise RequestError(400, "Content-Length and Transfer-Encoding together")
+            if encoding.strip().lower() != "chunked":
+                raise RequestError(501, f"Transfer-Encoding {encoding!r} is not supported")
+            return self.read_chunked(limit)
+        if length is None:
+            return b""
+        if not length.strip().isdigit():
+            raise RequestError(400, f"Invalid Content-Length {length!r}")
+        size = int(length)
+        if size > limit:
+            raise RequestError(413, f"The body is larger than {limit} bytes")
+        data = self.rfile.read(size)
+        if len(data) < size:
+            raise RequestError(400, "The body is shorter than its Content-Length")
+        return data
+
+    def read_chunked(self, limit: int) -> bytes:
+        """Return a chunked body, refusing it once it passes ``limit``."""
+        parts = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise RequestError(400, "Malformed chunked body") from None
+            if size < 0:
+                raise RequestError(400, "Malformed chunked body")
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise RequestError(413, f"The body is larger than {limit} bytes")
+            chunk = self.rfile.read(size)
+            if len(chunk) < size or self.rfile.read(2) != b"\r\n":
+                raise RequestError(400, "The chunked body was cut short")
+            parts.append(chunk)
+        while True:
+            trailer = self.rfile.readline(1024)
+            if trailer in (b"\r\n", b"\n", b""):
+                break
+        return b"".join(parts)
+
+    def discard_body(self) -> None:
+        """Read and drop a body sent where none is expected."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or (
+            length is not None and length.strip() not in ("", "0")
+        ):
+            self.read_raw_body(self.server.options.max_body)
+
+    # -- replies --
+
+    def reply(
+        self,
+        status: int,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        head_only: bool = False,
+    ) -> None:
+        """Send a JSON reply (no body for 204)."""
+        body = b"" if payload is None else (json.dumps(payload) + "\n").encode()
+        try:
+            self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if status != 204:
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if body and not head_only:
+                self.wfile.write(body)
+        except OSError:
+            self.close_connection = True
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """Return the JSON shape of every error reply."""
+    return {"error": {"code": status, "message": message}}
+
+
+def reject_constant(name: str) -> Any:
+    """Refuse NaN and Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# --- Command line and main ---------------------------------------------------
+
+
+def from_env(name: str, fallback: str | None = None) -> str | None:
+    """Return an environment variable, or ``fallback`` when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value if value else fallback
+
+
+def whole_number(minimum: int, maximum: int | None = None):
+    """Return an argparse type for whole numbers in a range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            span = f"from {minimum} to {maximum}" if maximum else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({span})")
+        return value
+
+    return parse
+
+
+def seconds(minimum: float, inclusive: bool = True):
+    """Return an argparse type for a number of seconds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+        if value < minimum or (not inclusive and value == minimum):
+            bound = "at least" if inclusive else "more than"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound} {minimum:g}")
+        return value
+
+    return parse
+
+
+def one_of(*choices: str, fold=str.lower):
+    """Return an argparse type that takes one of ``choices``."""
+
+    def parse(text: str) -> str:
+        value = fold(text.strip())
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not one of {', '.join(choices)}"
+            )
+        return value
+
+    return parse
+
+
+def namespace_name(text: str) -> str:
+    """Return a namespace name; any non-empty label value is fine."""
+    if not text or "\n" in text:
+        raise argparse.ArgumentTypeError("the namespace must be a non-empty line")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser; defaults come from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="docker-job-dispatcher",
+        description=(
+            "An HTTP API that turns requests into Docker containers acting as "
+            "jobs. Each request body goes through a jq filter whose first "
+            "output is the container to create."
+        ),
+        epilog=(
+            "Every option also reads the environment variable named in its "
+            "help. Docker is reached as the Docker CLI does, through "
+            "DOCKER_HOST, DOCKER_CERT_PATH and DOCKER_TLS_VERIFY."
+        ),
+    )
+    parser.add_argument(
+        "filter",
+        nargs="?",
+        metavar="FILTER",
+        help="jq filter text (default: the built-in demo filter)",
+    )
+    parser.add_argument(
+        "-f", "--from-file", metavar="PATH", default=from_env("FROM_FILE"),
+        help="read the filter from a file; wins over FILTER (env FROM_FILE)",
+    )
+    parser.add_argument(
+        "-p", "--port", type=whole_number(1, 65535), default=from_env("PORT", "8000"),
+        help="TCP port to listen on (env PORT, default 8000)",
+    )
+    parser.add_argument(
+        "--host", default=from_env("HOST", ""), metavar="ADDRESS",
+        help="address to bind (env HOST, default all interfaces)",
+    )
+    parser.add_argument(
+        "-m", "--max-concurrent", type=whole_number(0), metavar="N",
+        default=from_env("MAX_CONCURRENT"),
+        help="most jobs running at once; 0 never starts jobs "
+        "(env MAX_CONCURRENT, default unlimited)",
+    )
+    parser.add_argument(
+        "-k", "--keep-exited-for", type=seconds(0), metavar="SECONDS",
+        default=from_env("KEEP_EXITED_FOR"),
+        help="remove exited jobs this long after they finished "
+        "(env KEEP_EXITED_FOR, default keep forever)",
+    )
+    parser.add_argument(
+        "-u", "--upkeep-interval", type=seconds(1), metavar="SECONDS",
+        default=from_env("UPKEEP_INTERVAL", "3"),
+        help="seconds between scheduling and cleaning passes, at least 1 "
+        "(env UPKEEP_INTERVAL, default 3)",
+    )
+    parser.add_argument(
+        "-t", "--transport", type=one_of("socket", "http", "tls"),
+        default=from_env("TRANSPORT", "socket"),
+        help="how to reach Docker: socket, http or tls (env TRANSPORT, default socket)",
+    )
+    parser.add_argument(
+        "-n", "--namespace", type=namespace_name, metavar="NAME",
+        default=from_env("NAMESPACE", "default"),
+        help=f"value of the {NAMESPACE_LABEL} label on every job "
+        "(env NAMESPACE, default 'default')",
+    )
+    parser.add_argument(
+        "--log-level", type=one_of(*LOG_LEVELS, fold=str.upper), metavar="LEVEL",
+        default=from_env("LOG_LEVEL", "INFO"),
+        help="TRACE, DEBUG, INFO, WARN or ERROR (env LOG_LEVEL, default INFO)",
+    )
+    parser.add_argument(
+        "--max-body", type=whole_number(1), metavar="BYTES",
+        default=from_env("MAX_BODY", str(DEFAULT_MAX_BODY)),
+        help=f"largest request body accepted (env MAX_BODY, default {DEFAULT_MAX_BODY})",
+    )
+    parser.add_argument(
+        "--max-connections", type=whole_number(1), metavar="N",
+        default=from_env("MAX_CONNECTIONS", "256"),
+        help="connections served at once; more get 503 "
+        "(env MAX_CONNECTIONS, default 256)",
+    )
+    parser.add_argument(
+        "--read-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
+        default=from_env("READ_TIMEOUT", "15"),
+        help="close a connection that sends nothing for this long "
+        "(env READ_TIMEOUT, default 15)",
+    )
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    return parser
+
+
+def read_filter(options: argparse.Namespace) -> str:
+    """Return the filter text the options ask for; raise OSError if unreadable."""
+    if options.from_file:
+        if options.filter:
+            log.warning("Both a filter and --from-file given; using the file")
+        with open(options.from_file, encoding="utf-8") as file:
+            return file.read()
+    if options.filter:
+        return options.filter
+    log.warning("No filter given; using the built-in default filter")
+    return DEFAULT_FILTER
+
+
+def configure_logging(level: str) -> None:
+    """Send log lines to standard error, without timestamps."""
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(LOG_LEVELS[level])
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the dispatcher until SIGTERM or SIGINT; return the exit status."""
+    options = build_parser().parse_args(argv)
+    configure_logging(options.log_level)
+
+    try:
+        job_filter = compile_filter(read_filter(options))
+    except OSError as error:
+        log.error("Cannot read the filter file: %s", error)
+        return 1
+    except ValueError as error:
+        log.error("The filter does not compile: %s", error)
+        return 1
+    try:
+        docker = DockerClient(docker_address(options.transport, dict(os.environ)))
+    except (ValueError, OSError, ssl.SSLError) as error:
+        log.error("Cannot set up the Docker connection: %s", error)
+        return 1
+
+    dispatcher = Dispatcher(
+        docker, job_filter, options.namespace, options.max_concurrent
+    )
+    upkeep = Upkeep(dispatcher, options.upkeep_interval, options.keep_exited_for)
+    dispatcher.scheduler = upkeep
+    if options.max_concurrent == 0:
+        log.warning("--max-concurrent is 0: no job will ever be started")
+    if options.keep_exited_for is None:
+        log.warning("No --keep-exited-for: exited jobs are kept until removed by hand")
+
+    try:
+        server = DispatcherServer((options.host, options.port), dispatcher, options)
+    except OSError as error:
+        log.error("Cannot listen on port %d: %s", options.port, error)
+        return 1
+    server.upkeep = upkeep
+
+    def request_stop(signum: int, frame: Any) -> None:
+        log.info("Stopping on %s", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    upkeep.start()
+    host, port = server.server_address[:2]
+    log.info(
+        "Listening on %s:%d, namespace %r, Docker at %s",
+        host or "*", port, options.namespace, docker.describe(),
+    )
+    server.serve_forever()
+
+    # Stop taking connections, let requests in flight finish, then stop.
+    server.close_idle_connections()
+    upkeep.stop()
+    server.server_close()
+    log.info("Stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
