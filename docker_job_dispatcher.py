@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import socketserver
@@ -461,6 +462,15 @@ class DockerClient:
         query = {"all": True, "filters": filters}
         return self.request("GET", "/containers/json", query)[1] or []
 
+    def stop_container(self, container: str, grace: int) -> None:
+        """Stop a container, killing it after ``grace`` seconds."""
+        self.request(
+            "POST",
+            f"/containers/{quote(container)}/stop",
+            {"t": grace},
+            timeout=grace + self.timeout,
+        )
+
     def remove_container(self, container: str, force: bool = False) -> None:
         """Remove a container and its anonymous volumes."""
         query = {"force": force, "v": True}
@@ -808,6 +818,9 @@ class Dispatcher:
         self.namespace = namespace
         self.max_concurrent = max_concurrent
         self.scheduler: Upkeep | None = None
+        self.metrics = Metrics(namespace)
+        # Notified whenever a job may have finished; waiters re-check.
+        self.job_changed = threading.Condition()
 
     # -- submission --
 
@@ -949,6 +962,134 @@ class Dispatcher:
         log.debug("Fetched job %r", job_id)
         return job_summary(info)
 
+    def dry_run(self, body_text: str, path: str) -> dict[str, Any]:
+        """Return what a submission would send to Docker, creating nothing."""
+        manifest = self.build_manifest(body_text, path)
+        name = manifest.pop("Name")
+        platform = manifest.pop("Platform", None)
+        return {"name": name, "platform": platform, "config": manifest}
+
+    def notify_job_changed(self) -> None:
+        """Wake the requests that wait for a job to finish."""
+        with self.job_changed:
+            self.job_changed.notify_all()
+
+    def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
+        """Return a job's summary once it has finished or ``timeout`` passed.
+
+        Docker's die events and refused starts wake the waiters; a check
+        every second covers anything the event stream missed.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            summary = self.get_job(job_id)
+            remaining = deadline - time.monotonic()
+            if summary["state"] in FINISHED_STATES or remaining <= 0:
+                return summary
+            with self.job_changed:
+                self.job_changed.wait(min(remaining, 1.0))
+
+    def delete_job(self, job_id: str, grace: int) -> None:
+        """Stop a job if it runs, then remove it; raise 404 if none."""
+        info = self.inspect_job(job_id)
+        if info is None:
+            raise DispatcherError(404, f"Job {job_id!r} not found")
+        try:
+            if info["State"].get("Status") in ("running", "restarting", "paused"):
+                self.docker.stop_container(info["Id"], grace)
+            self.docker.remove_container(info["Id"], force=True)
+        except DockerError as error:
+            if error.status != 404:
+                raise DispatcherError(
+                    502, f"Docker failed to remove the job: {error}"
+                ) from None
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        log.info("Deleted job %r", job_id)
+
+    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """Return the summaries of the namespace's jobs, newest first."""
+        statuses = {
+            "pending": ["created"],
+            "failed": ["created"],
+            "running": ["running", "restarting", "paused"],
+            "exited": ["exited", "dead"],
+        }.get(state or "")
+        filters = {"label": [f"{NAMESPACE_LABEL}={self.namespace}"]}
+        if statuses:
+            filters["status"] = statuses
+        try:
+            containers = self.docker.list_containers(filters)
+        except (DockerError, DockerUnavailable) as error:
+            raise DispatcherError(502, f"Docker failed to list jobs: {error}") from None
+        containers.sort(key=lambda container: container["Created"], reverse=True)
+
+        summaries = []
+        for container in containers:
+            if len(summaries) >= limit:
+                break
+            try:
+                info = self.docker.inspect_container(container["Id"])
+            except DockerError:
+                continue  # removed meanwhile
+            except DockerUnavailable as error:
+                raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+            summary = job_summary(info)
+            if state in ("pending", "failed") and (
+                (summary["state"] == "failed") != (state == "failed")
+            ):
+                continue
+            summaries.append(summary)
+        summaries.sort(key=lambda summary: summary["created"] or 0, reverse=True)
+        return summaries
+
+    def open_logs(
+        self, job_id: str, options: dict[str, Any]
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bool]:
+        """Open a job's log stream; return it and whether it is multiplexed."""
+        info = self.inspect_job(job_id)
+        if info is None:
+            raise DispatcherError(404, f"Job {job_id!r} not found")
+        tty = bool((info.get("Config") or {}).get("Tty"))
+        try:
+            connection, response = self.docker.stream(
+                "GET",
+                f"/containers/{quote(info['Id'])}/logs",
+                options,
+                timeout=None if options.get("follow") else self.docker.timeout,
+            )
+        except DockerError as error:
+            raise DispatcherError(
+                400 if error.status == 400 else 502,
+                f"Docker failed to give the logs: {error}",
+            ) from None
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        return connection, response, not tty
+
+
+def log_chunks(response: http.client.HTTPResponse, multiplexed: bool) -> Iterator[bytes]:
+    """Yield a Docker log stream's payload, with the frame headers removed."""
+    if not multiplexed:
+        while True:
+            data = response.read1(65536)
+            if not data:
+                return
+            yield data
+    while True:
+        header = response.read(8)
+        if len(header) < 8:
+            return
+        size = int.from_bytes(header[4:8], "big")
+        payload = response.read(size)
+        if payload:
+            yield payload
+        if len(payload) < size:
+            return
+
+
+FINISHED_STATES = ("exited", "dead", "failed")
+
 
 def json_type(value: Any) -> str:
     """Return the jq name of a JSON value's type."""
@@ -1041,6 +1182,11 @@ class Upkeep:
     def wake(self) -> None:
         """Ask for a scheduling pass as soon as possible."""
         self._wake.set()
+
+    def failed_ids(self) -> set[str]:
+        """Return the ids of the jobs Docker refused to start."""
+        with self._lock:
+            return set(self._failed)
 
     def _arm_timer(self) -> None:
         """Schedule the next tick."""
@@ -1204,18 +1350,45 @@ class Upkeep:
                 return
             self._failed[container_id] = time.time()
         log.warning("Failed to start job %r, not retrying: %s", name, message)
+        self.dispatcher.notify_job_changed()
 
     # -- Docker's event stream --
 
+    def _count_existing_jobs(self) -> float:
+        """Count the jobs found at start in the metrics; return the time.
+
+        Running jobs count as created and started, pending ones as created.
+        """
+        now = time.time()
+        containers = self.docker.list_containers(
+            {"label": [self.label], "status": ["created", "running", "restarting"]}
+        )
+        for container in containers:
+            self.dispatcher.metrics.count_job("create")
+            if container["State"] != "created":
+                self.dispatcher.metrics.count_job("start")
+        return now
+
     def _follow_events(self) -> None:
-        """Follow the namespace's container events, reconnecting as needed."""
+        """Follow the namespace's container events, reconnecting as needed.
+
+        After a reconnection the stream resumes from the last event seen,
+        so no event is lost or counted twice.
+        """
         backoff = 0.1
+        last_seen = 0
         while not self._stopping.is_set():
             try:
+                if not last_seen:
+                    last_seen = int(self._count_existing_jobs() * 1e9)
+                seconds, nanoseconds = divmod(last_seen, 10**9)
                 connection, response = self.docker.stream(
                     "GET",
                     "/events",
-                    {"filters": {"type": ["container"], "label": [self.label]}},
+                    {
+                        "since": f"{seconds}.{nanoseconds:09d}",
+                        "filters": {"type": ["container"], "label": [self.label]},
+                    },
                 )
             except (DockerError, DockerUnavailable) as error:
                 if not self._events_failing:
@@ -1235,7 +1408,12 @@ class Upkeep:
                     line = response.readline()
                     if not line:
                         break
-                    self._on_event(json.loads(line))
+                    event = json.loads(line)
+                    moment = int(event.get("timeNano") or 0)
+                    if moment and moment <= last_seen:
+                        continue  # replayed after a reconnection
+                    last_seen = max(last_seen, moment)
+                    self._on_event(event)
             except (OSError, ValueError, http.client.HTTPException) as error:
                 log.debug("Docker's event stream broke: %s", error)
             finally:
@@ -1246,9 +1424,16 @@ class Upkeep:
                 self._events_failing = True
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        """Note a job's death and wake the scheduler to fill its slot."""
+        """Count a job event; on a death, wake the scheduler and waiters."""
         action = event.get("Action") or event.get("status") or ""
         actor = event.get("Actor") or {}
+        if action in ("create", "start", "die"):
+            exit_code = (actor.get("Attributes") or {}).get("exitCode", "")
+            self.dispatcher.metrics.count_job(
+                action, exit_code if action == "die" else ""
+            )
+        if action in ("die", "destroy"):
+            self.dispatcher.notify_job_changed()
         if action != "die":
             return
         container_id = actor.get("ID") or event.get("id") or ""
@@ -1330,11 +1515,436 @@ class Upkeep:
                 )
 
 
+# --- Metrics and the API description -----------------------------------------
+
+# Upper bounds of the request duration histogram, in seconds.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+class Metrics:
+    """Counters of job events and HTTP requests, rendered for Prometheus."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[str, str], int] = {}
+        self._requests: dict[tuple[str, str, str], int] = {}
+        self._durations: dict[str, list[float]] = {}
+
+    def count_job(self, action: str, status: str = "") -> None:
+        """Count one job event (create, start or die with its exit code)."""
+        with self._lock:
+            key = (action, status)
+            self._jobs[key] = self._jobs.get(key, 0) + 1
+
+    def observe_request(
+        self, route: str, method: str, status: int, seconds: float
+    ) -> None:
+        """Count one answered request and its duration."""
+        with self._lock:
+            key = (route, method, str(status))
+            self._requests[key] = self._requests.get(key, 0) + 1
+            # Per route: one count per bucket, then the sum and the count.
+            series = self._durations.setdefault(
+                route, [0.0] * (len(DURATION_BUCKETS) + 2)
+            )
+            for index, bound in enumerate(DURATION_BUCKETS):
+                if seconds <= bound:
+                    series[index] += 1
+            series[-2] += seconds
+            series[-1] += 1
+
+    def render(self, openmetrics: bool, gauges: dict[str, int | None]) -> str:
+        """Return the text exposition, in OpenMetrics 1.0 or Prometheus 0.0.4."""
+        with self._lock:
+            jobs = dict(self._jobs)
+            requests = dict(self._requests)
+            durations = {route: list(series) for route, series in self._durations.items()}
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            if openmetrics and kind == "counter":
+                name = name[: -len("_total")]
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family("jobs_total", "counter", "Job events seen in Docker, by action.")
+        for (action, status), count in sorted(jobs.items()):
+            labels = metric_labels(namespace=self.namespace, action=action, status=status)
+            lines.append(f"jobs_total{labels} {count}")
+
+        for name, help_text in (
+            ("jobs_running", "Jobs of the namespace running now."),
+            ("jobs_pending", "Jobs of the namespace waiting for a slot."),
+        ):
+            family(name, "gauge", help_text)
+            if gauges.get(name) is not None:
+                lines.append(f"{name}{metric_labels(namespace=self.namespace)} {gauges[name]}")
+
+        family("http_requests_total", "counter", "HTTP requests answered.")
+        for (route, method, status), count in sorted(requests.items()):
+            labels = metric_labels(route=route, method=method, code=status)
+            lines.append(f"http_requests_total{labels} {count}")
+
+        name = "http_request_duration_seconds"
+        family(name, "histogram", "Time to answer HTTP requests.")
+        for route, series in sorted(durations.items()):
+            for bound, count in zip(DURATION_BUCKETS, series):
+                labels = metric_labels(route=route, le=repr(bound))
+                lines.append(f"{name}_bucket{labels} {int(count)}")
+            labels = metric_labels(route=route, le="+Inf")
+            lines.append(f"{name}_bucket{labels} {int(series[-1])}")
+            lines.append(f"{name}_sum{metric_labels(route=route)} {series[-2]!r}")
+            lines.append(f"{name}_count{metric_labels(route=route)} {int(series[-1])}")
+
+        if openmetrics:
+            lines.append("# EOF")
+        return "\n".join(lines) + "\n"
+
+
+def metric_labels(**labels: str) -> str:
+    """Return a label set in the exposition format, values escaped."""
+    parts = []
+    for key, value in labels.items():
+        value = value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        parts.append(f'{key}="{value}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """Return whether an Accept header asks for OpenMetrics."""
+    return "application/openmetrics-text" in (accept or "")
+
+
+def schema_ref(name: str) -> dict[str, str]:
+    """Return a reference to a schema of the API description."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    """Return an OpenAPI content map for a JSON body of ``schema``."""
+    return {"application/json": {"schema": schema}}
+
+
+def error_responses(*statuses: int) -> dict[str, Any]:
+    """Return OpenAPI responses for JSON errors with the given statuses."""
+    meanings = {
+        400: "The request or the filter's output is not usable",
+        401: "A bearer token is needed",
+        404: "No such job in this namespace",
+        405: "The path does not take this method",
+        409: "The name is taken by a container that is not a job here",
+        413: "The body is too large",
+        502: "Docker failed or cannot be reached",
+        503: "Docker is unavailable or the server is busy",
+    }
+    return {
+        str(status): {
+            "description": meanings[status],
+            "content": json_content(schema_ref("Error")),
+        }
+        for status in statuses
+    }
+
+
+def query_parameter(
+    name: str, schema: dict[str, Any], description: str
+) -> dict[str, Any]:
+    """Return an OpenAPI query parameter."""
+    return {"name": name, "in": "query", "required": False,
+            "schema": schema, "description": description}
+
+
+def openapi_document() -> dict[str, Any]:
+    """Return the OpenAPI 3 description of every route the server answers."""
+    job_id = {"name": "id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": NAME_PATTERN.pattern},
+              "description": "The job's name, as returned on creation"}
+    sub_path = {"name": "path", "in": "path", "required": True,
+                "schema": {"type": "string"},
+                "description": "Any sub-path; the filter sees it in $PATH"}
+    dry_run = query_parameter(
+        "dry_run", {"type": "boolean", "default": False},
+        "Run the filter and checks only; answer with what would go to Docker",
+    )
+    body = {
+        "required": False,
+        "description": "Any JSON value, whatever the content type; empty means null",
+        "content": {"application/json": {"schema": {}}, "*/*": {"schema": {}}},
+    }
+    created = {
+        "201": {"description": "Job created", "content": json_content(schema_ref("JobId"))},
+        "200": {
+            "description": "The job existed already, or the dry run's result",
+            "content": json_content(
+                {"oneOf": [schema_ref("JobId"), schema_ref("DryRun")]}
+            ),
+        },
+        **error_responses(400, 401, 409, 413, 502, 503),
+    }
+    submit = {"summary": "Create a job from the request body",
+              "parameters": [dry_run], "requestBody": body, "responses": created}
+    boolean = {"type": "boolean"}
+    health = {"204": {"description": "Yes"}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "docker-job-dispatcher",
+            "version": __version__,
+            "description": "Turns HTTP requests into Docker containers acting as jobs.",
+        },
+        "paths": {
+            "/job": {"post": {**submit, "operationId": "createJob"}},
+            "/job/{path}": {"post": {
+                **submit, "operationId": "createJobAtPath",
+                "parameters": [sub_path, dry_run],
+            }},
+            "/job/{id}": {
+                "get": {
+                    "operationId": "getJob",
+                    "summary": "Describe a job, optionally once it has finished",
+                    "parameters": [job_id, query_parameter(
+                        "wait", {"type": "number", "minimum": 0},
+                        "Wait up to this many seconds for the job to finish",
+                    )],
+                    "responses": {
+                        "200": {"description": "The job",
+                                "content": json_content(schema_ref("Job"))},
+                        **error_responses(400, 401, 404, 502, 503),
+                    },
+                },
+                "delete": {
+                    "operationId": "deleteJob",
+                    "summary": "Stop the job if it runs, then remove it",
+                    "parameters": [job_id, query_parameter(
+                        "timeout", {"type": "integer", "minimum": 0, "default": 10},
+                        "Seconds between SIGTERM and SIGKILL",
+                    )],
+                    "responses": {"204": {"description": "Removed"},
+                                  **error_responses(400, 401, 404, 502, 503)},
+                },
+            },
+            "/job/{id}/logs": {"get": {
+                "operationId": "getJobLogs",
+                "summary": "The job's output",
+                "parameters": [
+                    job_id,
+                    query_parameter("stdout", {**boolean, "default": True},
+                                    "Include standard output"),
+                    query_parameter("stderr", {**boolean, "default": True},
+                                    "Include standard error"),
+                    query_parameter("tail", {"type": "string", "default": "all"},
+                                    "Number of lines from the end, or all"),
+                    query_parameter("timestamps", {**boolean, "default": False},
+                                    "Prefix each line with its time"),
+                    query_parameter("follow", {**boolean, "default": False},
+                                    "Keep streaming until the job exits"),
+                ],
+                "responses": {
+                    "200": {"description": "The output",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    **error_responses(400, 401, 404, 502, 503),
+                },
+            }},
+            "/jobs": {"get": {
+                "operationId": "listJobs",
+                "summary": "The namespace's jobs, newest first",
+                "parameters": [
+                    query_parameter("state", {"type": "string", "enum": [
+                        "pending", "running", "exited", "failed"]}, "Only this state"),
+                    query_parameter("limit", {"type": "integer", "minimum": 1,
+                                              "maximum": 1000, "default": 100},
+                                    "At most this many jobs"),
+                ],
+                "responses": {
+                    "200": {"description": "The jobs", "content": json_content(
+                        {"type": "object", "required": ["jobs"], "properties": {
+                            "jobs": {"type": "array", "items": schema_ref("Job")}}})},
+                    **error_responses(400, 401, 502, 503),
+                },
+            }},
+            "/health/live": {"get": {"operationId": "live", "summary": "Is the server up",
+                                     "responses": health}},
+            "/health/ready": {"get": {
+                "operationId": "ready", "summary": "Does Docker answer",
+                "responses": {**health, **error_responses(503)},
+            }},
+            "/metrics": {"get": {
+                "operationId": "metrics",
+                "summary": "Prometheus or OpenMetrics text, by the Accept header",
+                "responses": {
+                    "200": {"description": "The metrics", "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    }},
+                    **error_responses(401, 503),
+                },
+            }},
+            "/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This description",
+                "responses": {"200": {"description": "OpenAPI 3",
+                                      "content": json_content({"type": "object"})},
+                              **error_responses(401, 503)},
+            }},
+            "/docs": {"get": {
+                "operationId": "docs", "summary": "A page to browse and try the API",
+                "responses": {"200": {"description": "HTML", "content": {
+                    "text/html": {"schema": {"type": "string"}}}},
+                    **error_responses(401, 503)},
+            }},
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {
+                "error": {"type": "object", "required": ["code", "message"],
+                          "properties": {"code": {"type": "integer"},
+                                         "message": {"type": "string"}}}}},
+            "JobId": {"type": "object", "required": ["id"],
+                      "properties": {"id": {"type": "string"}}},
+            "DryRun": {"type": "object", "required": ["name", "platform", "config"],
+                       "properties": {"name": {"type": "string"},
+                                      "platform": {"type": "string", "nullable": True},
+                                      "config": {"type": "object"}}},
+            "Job": {"type": "object", "required": [
+                "id", "created", "status", "state", "exit_code", "started_at",
+                "finished_at", "error"], "properties": {
+                "id": {"type": "string"},
+                "created": {"type": "integer", "description": "Unix seconds"},
+                "status": {"type": "string", "example": "Exited (0) 5 seconds ago"},
+                "state": {"type": "string", "example": "exited"},
+                "exit_code": {"type": "integer", "nullable": True},
+                "started_at": {"type": "string", "nullable": True},
+                "finished_at": {"type": "string", "nullable": True},
+                "error": {"type": "string", "nullable": True},
+            }},
+        }},
+    }
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>docker-job-dispatcher API</title>
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 60em;
+       padding: 0 1em; color: #222; }
+section { border: 1px solid #ccc; border-radius: 6px; margin: 1em 0; padding: .6em 1em; }
+.method { font-weight: bold; display: inline-block; min-width: 4.5em; }
+code, textarea, pre { font-family: ui-monospace, monospace; font-size: 13px; }
+textarea { width: 100%; height: 6em; }
+pre { background: #f4f4f4; padding: .6em; white-space: pre-wrap; }
+table { border-collapse: collapse; } td { padding: 0 .8em 0 0; vertical-align: top; }
+</style></head>
+<body>
+<h1>docker-job-dispatcher</h1>
+<p id="about"></p>
+<div id="routes"></div>
+<script id="spec" type="application/json">__SPEC__</script>
+<script>
+"use strict";
+const spec = JSON.parse(document.getElementById("spec").textContent);
+document.getElementById("about").textContent = spec.info.description +
+  " Version " + spec.info.version + ".";
+const routes = document.getElementById("routes");
+function element(tag, text) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+for (const [path, operations] of Object.entries(spec.paths)) {
+  for (const [method, operation] of Object.entries(operations)) {
+    const section = element("section");
+    const title = element("div");
+    title.append(element("span", method.toUpperCase()), element("code", path));
+    title.firstChild.className = "method";
+    section.append(title, element("p", operation.summary));
+    const table = element("table");
+    const inputs = {};
+    for (const parameter of operation.parameters || []) {
+      const row = element("tr");
+      const input = element("input");
+      input.placeholder = parameter.in === "path" ? "required" : "";
+      inputs[parameter.name] = [parameter, input];
+      const cell = element("td");
+      cell.append(input);
+      row.append(element("td", parameter.name), cell,
+                 element("td", parameter.description || ""));
+      table.append(row);
+    }
+    section.append(table);
+    let body = null;
+    if (operation.requestBody) {
+      body = element("textarea");
+      body.value = '{"args": ["hello", "world"]}';
+      section.append(body);
+    }
+    const button = element("button", "Send");
+    const output = element("pre");
+    output.hidden = true;
+    button.onclick = async () => {
+      let url = path;
+      const query = new URLSearchParams();
+      for (const [name, [parameter, input]] of Object.entries(inputs)) {
+        if (parameter.in === "path") {
+          url = url.replace("{" + name + "}", parameter.name === "path"
+            ? input.value : encodeURIComponent(input.value));
+        } else if (input.value !== "") {
+          query.set(name, input.value);
+        }
+      }
+      if ([...query].length) url += "?" + query;
+      output.hidden = false;
+      output.textContent = method.toUpperCase() + " " + url + " ...";
+      try {
+        const reply = await fetch(url, {method: method.toUpperCase(),
+          body: body ? body.value : undefined});
+        const text = await reply.text();
+        output.textContent = reply.status + " " + reply.statusText + "\\n" + text;
+      } catch (error) {
+        output.textContent = String(error);
+      }
+    };
+    section.append(button, output);
+    routes.append(section);
+  }
+}
+</script>
+</body></html>
+"""
+
+
+def docs_page() -> str:
+    """Return the self-contained HTML page that presents the API."""
+    spec = json.dumps(openapi_document()).replace("</", "<\\/")
+    return DOCS_PAGE.replace("__SPEC__", spec)
+
+
 # --- HTTP handler ---------------------------------------------------------------
 
 
 class RequestError(DispatcherError):
     """A malformed request; the connection is closed after the answer."""
+
+
+class MethodNotAllowed(DispatcherError):
+    """A known path asked with a method it does not take."""
+
+    def __init__(self, allowed: tuple[str, ...], message: str):
+        super().__init__(405, message)
+        self.headers = {"Allow": ", ".join(allowed)}
+
+
+class RawReply:
+    """A reply body that is not JSON, with its content type."""
+
+    def __init__(self, data: bytes, content_type: str):
+        self.data = data
+        self.content_type = content_type
+
+
+# Said by a route that has written its reply itself.
+STREAMED = object()
 
 
 class DispatcherServer(http.server.ThreadingHTTPServer):
@@ -1386,6 +1996,23 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
             with self._connections_lock:
                 self._connections.pop(request, None)
             self._slots.release()
+
+    def job_gauges(self) -> dict[str, int | None]:
+        """Return the numbers of running and pending jobs, None if unknown."""
+        dispatcher = self.dispatcher
+        try:
+            containers = dispatcher.docker.list_containers({
+                "label": [f"{NAMESPACE_LABEL}={dispatcher.namespace}"],
+                "status": ["created", "running", "restarting"],
+            })
+        except (DockerError, DockerUnavailable):
+            return {"jobs_running": None, "jobs_pending": None}
+        failed = self.upkeep.failed_ids() if self.upkeep else set()
+        running = sum(1 for c in containers if c["State"] != "created")
+        pending = sum(
+            1 for c in containers if c["State"] == "created" and c["Id"] not in failed
+        )
+        return {"jobs_running": running, "jobs_pending": pending}
 
     def track(self, request: socket.socket, handler: Any) -> None:
         """Remember an open connection, so that a stop can close it."""
@@ -1480,50 +2107,55 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         self.dispatch("OPTIONS")
 
     def dispatch(self, method: str) -> None:
-        """Route one request, answer it and log the outcome."""
+        """Route one request, answer it, count it and log the outcome."""
         started = time.perf_counter()
         target = urllib.parse.urlsplit(self.path)
         path = target.path.rstrip("/") or "/"
-        self.query = urllib.parse.parse_qs(target.query)
+        self.query = urllib.parse.parse_qs(target.query, keep_blank_values=True)
+        self.route_template = "other"
         try:
             status, payload, headers = self.route(method, path)
         except DispatcherError as error:
             if isinstance(error, RequestError):
                 self.close_connection = True
-            status, payload, headers = error.status, error_body(error.status, error.message), {}
+            status, headers = error.status, getattr(error, "headers", {})
+            payload = error_body(error.status, error.message)
         except Exception:
             log.exception("Request %s %r failed", method, path)
             status, payload, headers = 500, error_body(500, "Internal error"), {}
-        self.reply(status, payload, headers, head_only=method == "HEAD")
-        log.info(
-            "Answered %s %r with %d in %.1f ms",
-            method,
-            path,
-            status,
-            (time.perf_counter() - started) * 1000,
-        )
+        if payload is not STREAMED:
+            self.reply(status, payload, headers, head_only=method == "HEAD")
 
-    def route(
-        self, method: str, path: str
-    ) -> tuple[int, Any, dict[str, str]]:
-        """Return the status, reply and extra headers for a request."""
+        elapsed = time.perf_counter() - started
+        self.server.dispatcher.metrics.observe_request(
+            self.route_template, method, status, elapsed
+        )
+        log.info("Answered %s %r with %d in %.1f ms", method, path, status,
+                 elapsed * 1000)
+
+    def route(self, method: str, path: str) -> tuple[int, Any, dict[str, str]]:
+        """Return the status, reply and extra headers for a request.
+
+        Sets ``route_template`` to the route's name for the metrics.
+        """
         dispatcher = self.server.dispatcher
         if path == "/job" or path.startswith("/job/"):
-            job_id = path[len("/job/"):]
-            allowed = ["POST"] if "/" in job_id or not job_id else ["GET", "HEAD", "POST"]
-            if method == "POST":
-                body = self.read_body()
-                status, reply = dispatcher.submit(body, path)
-                return status, reply, {}
-            if method not in allowed:
-                return self.not_allowed(method, allowed)
-            self.discard_body()
-            return 200, dispatcher.get_job(job_id), {}
+            return self.route_job(method, path)
+
+        if path == "/jobs":
+            self.route_template = path
+            self.expect(method, "GET", "HEAD")
+            state = self.query_value("state")
+            if state is not None and state not in ("pending", "running", "exited", "failed"):
+                raise DispatcherError(
+                    400, "state must be one of pending, running, exited, failed"
+                )
+            limit = self.query_number("limit", 100, 1, 1000, whole=True)
+            return 200, {"jobs": dispatcher.list_jobs(state, int(limit))}, {}
 
         if path in ("/health/live", "/health/ready"):
-            if method not in ("GET", "HEAD"):
-                return self.not_allowed(method, ["GET", "HEAD"])
-            self.discard_body()
+            self.route_template = path
+            self.expect(method, "GET", "HEAD")
             if path == "/health/live":
                 return 204, None, {}
             try:
@@ -1532,14 +2164,174 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
                 return 503, error_body(503, f"Docker is unavailable: {error}"), {}
             return 204, None, {}
 
+        if path == "/metrics":
+            self.route_template = path
+            self.expect(method, "GET", "HEAD")
+            openmetrics = wants_openmetrics(self.headers.get("Accept"))
+            text = dispatcher.metrics.render(openmetrics, self.server.job_gauges())
+            content_type = OPENMETRICS_TYPE if openmetrics else PROMETHEUS_TYPE
+            return 200, RawReply(text.encode(), content_type), {}
+
+        if path == "/openapi.json":
+            self.route_template = path
+            self.expect(method, "GET", "HEAD")
+            return 200, openapi_document(), {}
+
+        if path == "/docs":
+            self.route_template = path
+            self.expect(method, "GET", "HEAD")
+            return 200, RawReply(docs_page().encode(), "text/html; charset=utf-8"), {}
+
         self.discard_body()
         return 404, error_body(404, "Route not found"), {}
 
-    def not_allowed(self, method: str, allowed: list[str]) -> tuple[int, Any, dict[str, str]]:
-        """Return a 405 reply listing the methods the path takes."""
-        self.discard_body()
-        message = f"Method {method} is not allowed here; use {', '.join(allowed)}"
-        return 405, error_body(405, message), {"Allow": ", ".join(allowed)}
+    def route_job(self, method: str, path: str) -> tuple[int, Any, dict[str, str]]:
+        """Answer the routes under /job."""
+        dispatcher = self.server.dispatcher
+        rest = path[len("/job/"):]
+        if method == "POST":
+            self.route_template = "/job/{path}" if rest else "/job"
+            body = self.read_body()
+            if self.query_flag("dry_run", False):
+                return 200, dispatcher.dry_run(body, path), {}
+            status, reply = dispatcher.submit(body, path)
+            return status, reply, {}
+
+        if rest.endswith("/logs") and "/" not in rest[: -len("/logs")]:
+            self.route_template = "/job/{id}/logs"
+            self.expect(method, "GET", "HEAD")
+            return self.stream_logs(rest[: -len("/logs")], method == "HEAD")
+
+        if not rest or "/" in rest:
+            self.route_template = "/job/{path}" if rest else "/job"
+            self.expect(method, "POST")
+
+        self.route_template = "/job/{id}"
+        self.expect(method, "GET", "HEAD", "POST", "DELETE")
+        if method == "DELETE":
+            grace = self.query_number("timeout", 10, 0, 3600, whole=True)
+            dispatcher.delete_job(rest, int(grace))
+            return 204, None, {}
+        wait = self.query_number("wait", None, 0, None)
+        if wait is None:
+            return 200, dispatcher.get_job(rest), {}
+        ceiling = self.server.options.max_wait
+        return 200, dispatcher.wait_job(rest, min(wait, ceiling)), {}
+
+    def stream_logs(self, job_id: str, head_only: bool) -> tuple[int, Any, dict[str, str]]:
+        """Send a job's output as text; with follow, stream it until it ends."""
+        stdout = self.query_flag("stdout", True)
+        stderr = self.query_flag("stderr", True)
+        if not stdout and not stderr:
+            raise DispatcherError(400, "At least one of stdout and stderr must be true")
+        tail = self.query_value("tail") or "all"
+        if tail != "all" and not tail.isdigit():
+            raise DispatcherError(400, "tail must be a number of lines or 'all'")
+        follow = self.query_flag("follow", False)
+        options = {
+            "stdout": stdout,
+            "stderr": stderr,
+            "tail": tail,
+            "timestamps": self.query_flag("timestamps", False),
+            "follow": follow,
+        }
+        dispatcher = self.server.dispatcher
+        connection, response, multiplexed = dispatcher.open_logs(job_id, options)
+        content_type = "text/plain; charset=utf-8"
+        try:
+            if not follow or head_only:
+                data = b"".join(log_chunks(response, multiplexed))
+                return 200, RawReply(data, content_type), {}
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            watcher = threading.Thread(
+                target=self.close_when_client_leaves, args=(connection,), daemon=True
+            )
+            watcher.start()
+            try:
+                for chunk in log_chunks(response, multiplexed):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except (OSError, http.client.HTTPException, ValueError):
+                self.close_connection = True
+            return 200, STREAMED, {}
+        finally:
+            connection.close()
+
+    def close_when_client_leaves(self, connection: http.client.HTTPConnection) -> None:
+        """Close a log stream from Docker as soon as our client hangs up.
+
+        Without this, a follower that went away would hold its thread for
+        as long as the job stays silent.
+        """
+        while connection.sock is not None:
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 1.0)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    break
+            except (OSError, ValueError):
+                break
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- query parameters --
+
+    def query_value(self, name: str) -> str | None:
+        """Return the last value of a query parameter, or None."""
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def query_flag(self, name: str, default: bool) -> bool:
+        """Return a boolean query parameter; raise 400 for other words."""
+        value = self.query_value(name)
+        if value is None:
+            return default
+        word = value.strip().lower()
+        if word in ("", "1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off", "none"):
+            return False
+        raise DispatcherError(400, f"{name} must be true or false, not {value!r}")
+
+    def query_number(
+        self,
+        name: str,
+        default: float | None,
+        minimum: float,
+        maximum: float | None,
+        whole: bool = False,
+    ) -> float | None:
+        """Return a numeric query parameter within bounds; raise 400 otherwise."""
+        value = self.query_value(name)
+        if value is None:
+            return default
+        try:
+            number = int(value) if whole else float(value)
+        except ValueError:
+            kind = "a whole number" if whole else "a number"
+            raise DispatcherError(400, f"{name} must be {kind}, not {value!r}") from None
+        if number != number or number < minimum or (
+            maximum is not None and number > maximum
+        ):
+            span = f"from {minimum:g} to {maximum:g}" if maximum is not None else (
+                f"at least {minimum:g}")
+            raise DispatcherError(400, f"{name} must be {span}, not {value!r}")
+        return number
+
+    def expect(self, method: str, *allowed: str) -> None:
+        """Raise 405 unless the path takes ``method``; drop unwanted bodies."""
+        if method not in allowed:
+            message = f"Method {method} is not allowed here; use {', '.join(allowed)}"
+            raise MethodNotAllowed(allowed, message)
+        if method != "POST":
+            self.discard_body()
 
     # -- bodies --
 
@@ -1634,14 +2426,20 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         head_only: bool = False,
     ) -> None:
-        """Send a JSON reply (no body for 204)."""
-        body = b"" if payload is None else (json.dumps(payload) + "\n").encode()
+        """Send a reply: JSON, or a RawReply as it is (no body for 204)."""
+        content_type = "application/json"
+        if isinstance(payload, RawReply):
+            body, content_type = payload.data, payload.content_type
+        elif payload is None:
+            body = b""
+        else:
+            body = (json.dumps(payload) + "\n").encode()
         try:
             self.send_response(status)
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             if status != 204:
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
             if self.close_connection:
                 self.send_header("Connection", "close")
@@ -1811,6 +2609,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(env READ_TIMEOUT, default 15)",
     )
     parser.add_argument(
+        "--max-wait", type=seconds(0), metavar="SECONDS",
+        default=from_env("MAX_WAIT", "300"),
+        help="longest wait a GET /job/<id>?wait= may ask for "
+        "(env MAX_WAIT, default 300)",
+    )
+    parser.add_argument(
         "-V", "--version", action="version", version=f"%(prog)s {__version__}"
     )
     return parser
@@ -1827,6 +2631,21 @@ def read_filter(options: argparse.Namespace) -> str:
         return options.filter
     log.warning("No filter given; using the built-in default filter")
     return DEFAULT_FILTER
+
+
+def reload_filter(dispatcher: Dispatcher, options: argparse.Namespace) -> None:
+    """Read --from-file again; keep the old filter if the new one fails."""
+    if not options.from_file:
+        log.warning("Reload asked, but the filter does not come from a file")
+        return
+    try:
+        with open(options.from_file, encoding="utf-8") as file:
+            new_filter = compile_filter(file.read())
+    except (OSError, ValueError) as error:
+        log.error("Kept the old filter; the new one failed: %s", error)
+        return
+    dispatcher.job_filter = new_filter
+    log.info("Reloaded the filter from %r", options.from_file)
 
 
 def configure_logging(level: str) -> None:
@@ -1879,8 +2698,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Stopping on %s", signal.Signals(signum).name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def request_reload(signum: int, frame: Any) -> None:
+        threading.Thread(target=reload_filter, args=(dispatcher, options),
+                         daemon=True).start()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
 
     upkeep.start()
     host, port = server.server_address[:2]
