@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import select
 import signal
@@ -44,6 +45,7 @@ import socket
 import socketserver
 import ssl
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -89,6 +91,15 @@ MAX_DIGEST_ROUNDS = 32
 
 # Longest computed text whose digest is found by probing (see JobFilter).
 MAX_PROBED_TEXT = 256
+
+# Largest manifest a filter may produce, as JSON.
+MAX_FILTER_OUTPUT = 1024 * 1024
+
+# The hidden first argument that turns a process into a filter worker.
+FILTER_WORKER_FLAG = "--filter-worker"
+
+# Address space a filter worker may use; beyond it the worker dies alone.
+FILTER_MEMORY_LIMIT = 1024 * 1024 * 1024
 
 TRACE = 5
 LOG_LEVELS = {
@@ -707,6 +718,182 @@ def compile_filter(text: str) -> JobFilter:
             r"line (\d+)", lambda match: f"line {int(match.group(1)) - 1}", message
         )
         raise ValueError(message) from None
+
+
+class FilterWorkers:
+    """Runs filter evaluations in worker processes, with a time limit.
+
+    A jq evaluation cannot be interrupted from Python and holds the
+    interpreter lock while it runs, so a filter that loops, or builds a
+    huge value, on some input would stall or kill the whole server. Here
+    each evaluation runs in a small worker process instead: one that takes
+    longer than the limit is killed, one that runs out of memory dies on
+    its own, and the request gets a 400 while the server carries on.
+    """
+
+    def __init__(self, text: str, size: int, timeout: float, max_output: int):
+        self.text = text
+        self.size = size
+        self.timeout = timeout
+        self.max_output = max_output
+        self._idle: list[subprocess.Popen] = []
+        self._count = 0
+        self._closed = False
+        self._available = threading.Condition()
+
+    def _spawn(self) -> subprocess.Popen:
+        """Start a worker and hand it the filter."""
+        worker = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), FILTER_WORKER_FLAG],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        setup = {"filter": self.text, "max_output": self.max_output}
+        worker.stdin.write(json.dumps(setup).encode() + b"\n")
+        worker.stdin.flush()
+        return worker
+
+    def warm(self) -> None:
+        """Start all workers now rather than on the first requests."""
+        started = []
+        for _ in range(self.size):
+            with self._available:
+                if self._count >= self.size or self._closed:
+                    break
+                self._count += 1
+            try:
+                started.append(self._spawn())
+            except OSError as error:
+                with self._available:
+                    self._count -= 1
+                log.error("Cannot start a filter worker: %s", error)
+                break
+        for worker in started:
+            self._checkin(worker)
+
+    def _checkout(self, deadline: float) -> subprocess.Popen:
+        """Return an idle worker, starting one if the pool is not full."""
+        with self._available:
+            while not self._idle and self._count >= self.size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ValueError("no filter worker became free in time; retry")
+                self._available.wait(remaining)
+            if self._idle:
+                return self._idle.pop()
+            self._count += 1
+        try:
+            return self._spawn()
+        except OSError:
+            with self._available:
+                self._count -= 1
+                self._available.notify()
+            raise
+
+    def _checkin(self, worker: subprocess.Popen) -> None:
+        """Return a healthy worker to the pool."""
+        with self._available:
+            if not self._closed:
+                self._idle.append(worker)
+                self._available.notify()
+                return
+            self._count -= 1
+        worker.stdin.close()
+
+    def _discard(self, worker: subprocess.Popen) -> None:
+        """Kill a worker that misbehaved and make room for a new one."""
+        worker.kill()
+        worker.wait()
+        for stream in (worker.stdin, worker.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        with self._available:
+            self._count -= 1
+            self._available.notify()
+
+    def evaluate(self, body_text: str, path: str) -> list[Any]:
+        """Return the filter's first output (and a second if there are more).
+
+        Raises ValueError with a message for the client when the filter
+        fails, runs too long or dies.
+        """
+        deadline = time.monotonic() + self.timeout
+        worker = self._checkout(deadline)
+        try:
+            worker.stdin.write(json.dumps([body_text, path]).encode() + b"\n")
+            worker.stdin.flush()
+            line = read_line(worker.stdout, deadline)
+        except OSError:
+            line = None
+        if line is None or not line.endswith(b"\n"):
+            self._discard(worker)
+            if time.monotonic() >= deadline:
+                raise ValueError(f"the filter ran longer than {self.timeout:g} s")
+            raise ValueError("the filter's process died (out of memory?)")
+        self._checkin(worker)
+
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ValueError(answer["error"])
+        return answer["outputs"]
+
+    def close(self) -> None:
+        """Stop the idle workers; busy ones stop when they are done."""
+        with self._available:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+        for worker in idle:
+            worker.stdin.close()
+
+
+def read_line(stream: Any, deadline: float) -> bytes | None:
+    """Return one line from a pipe, or what came before the deadline."""
+    descriptor = stream.fileno()
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return bytes(data) if data else None
+        readable, _, _ = select.select([descriptor], [], [], remaining)
+        if not readable:
+            continue
+        chunk = os.read(descriptor, 1 << 16)
+        if not chunk:
+            return bytes(data) if data else None
+        data += chunk
+    return bytes(data)
+
+
+def run_filter_worker() -> int:
+    """Evaluate requests from standard input until it closes.
+
+    The first line holds the filter; each further line a request body and
+    path. Each answer is one line: the outputs, or the error.
+    """
+    resource.setrlimit(resource.RLIMIT_AS, (FILTER_MEMORY_LIMIT, FILTER_MEMORY_LIMIT))
+    setup = json.loads(sys.stdin.buffer.readline())
+    job_filter = JobFilter(setup["filter"])
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        body_text, path = json.loads(line)
+        try:
+            outputs = job_filter.evaluate(body_text, path)
+            answer = json.dumps({"outputs": outputs})
+            if len(answer) > setup["max_output"]:
+                answer = json.dumps({
+                    "error": f"the output is larger than {setup['max_output']} bytes"
+                })
+        except ValueError as error:
+            answer = json.dumps({"error": str(error)})
+        except RecursionError:
+            answer = json.dumps({"error": "the output is nested too deeply"})
+        out.write(answer.encode() + b"\n")
+        out.flush()
+    return 0
 
 
 # --- Jobs ---------------------------------------------------------------------
@@ -2609,6 +2796,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(env READ_TIMEOUT, default 15)",
     )
     parser.add_argument(
+        "--filter-workers", type=whole_number(0), metavar="N",
+        default=from_env("FILTER_WORKERS", "2"),
+        help="worker processes that run the filter, so that a filter that "
+        "loops or eats memory cannot stall the server; 0 runs it in-process "
+        "without limits (env FILTER_WORKERS, default 2)",
+    )
+    parser.add_argument(
+        "--filter-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
+        default=from_env("FILTER_TIMEOUT", "2"),
+        help="longest a filter may run on one request; longer gets 400 "
+        "(env FILTER_TIMEOUT, default 2)",
+    )
+    parser.add_argument(
         "--max-wait", type=seconds(0), metavar="SECONDS",
         default=from_env("MAX_WAIT", "300"),
         help="longest wait a GET /job/<id>?wait= may ask for "
@@ -2633,6 +2833,22 @@ def read_filter(options: argparse.Namespace) -> str:
     return DEFAULT_FILTER
 
 
+def make_filter(text: str, options: argparse.Namespace) -> Any:
+    """Return the evaluator for a filter text; raise ValueError if it fails.
+
+    The filter is compiled here first, so that a broken one is reported at
+    once, then handed to the worker processes unless they are turned off.
+    """
+    compiled = compile_filter(text)
+    if not options.filter_workers:
+        return compiled
+    workers = FilterWorkers(
+        text, options.filter_workers, options.filter_timeout, MAX_FILTER_OUTPUT
+    )
+    threading.Thread(target=workers.warm, name="filter-workers", daemon=True).start()
+    return workers
+
+
 def reload_filter(dispatcher: Dispatcher, options: argparse.Namespace) -> None:
     """Read --from-file again; keep the old filter if the new one fails."""
     if not options.from_file:
@@ -2640,11 +2856,13 @@ def reload_filter(dispatcher: Dispatcher, options: argparse.Namespace) -> None:
         return
     try:
         with open(options.from_file, encoding="utf-8") as file:
-            new_filter = compile_filter(file.read())
+            new_filter = make_filter(file.read(), options)
     except (OSError, ValueError) as error:
         log.error("Kept the old filter; the new one failed: %s", error)
         return
-    dispatcher.job_filter = new_filter
+    old_filter, dispatcher.job_filter = dispatcher.job_filter, new_filter
+    if isinstance(old_filter, FilterWorkers):
+        old_filter.close()
     log.info("Reloaded the filter from %r", options.from_file)
 
 
@@ -2660,11 +2878,14 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the dispatcher until SIGTERM or SIGINT; return the exit status."""
-    options = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == [FILTER_WORKER_FLAG]:
+        return run_filter_worker()
+    options = build_parser().parse_args(arguments)
     configure_logging(options.log_level)
 
     try:
-        job_filter = compile_filter(read_filter(options))
+        job_filter = make_filter(read_filter(options), options)
     except OSError as error:
         log.error("Cannot read the filter file: %s", error)
         return 1
@@ -2718,6 +2939,8 @@ def main(argv: list[str] | None = None) -> int:
     server.close_idle_connections()
     upkeep.stop()
     server.server_close()
+    if isinstance(dispatcher.job_filter, FilterWorkers):
+        dispatcher.job_filter.close()
     log.info("Stopped")
     return 0
 
