@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import hmac
 import http.client
 import http.server
 import json
@@ -83,8 +84,11 @@ PING_TIMEOUT = 3.0
 # Largest request body accepted by default; bigger ones get 413 unread.
 DEFAULT_MAX_BODY = 1024 * 1024
 
-# Request lines and header blocks longer than this are refused.
-MAX_HEADER_BYTES = 16 * 1024
+# How long a new connection may wait for a free slot before it gets 503.
+SLOT_WAIT = 2.0
+
+# How often the server looks for clients that send too slowly.
+REAPER_INTERVAL = 0.5
 
 # A filter may need this many computed digests before we give up on it.
 MAX_DIGEST_ROUNDS = 32
@@ -1954,9 +1958,9 @@ def openapi_document() -> dict[str, Any]:
                 },
             }},
             "/health/live": {"get": {"operationId": "live", "summary": "Is the server up",
-                                     "responses": health}},
+                                     "security": [], "responses": health}},
             "/health/ready": {"get": {
-                "operationId": "ready", "summary": "Does Docker answer",
+                "operationId": "ready", "summary": "Does Docker answer", "security": [],
                 "responses": {**health, **error_responses(503)},
             }},
             "/metrics": {"get": {
@@ -1983,7 +1987,13 @@ def openapi_document() -> dict[str, Any]:
                     **error_responses(401, 503)},
             }},
         },
-        "components": {"schemas": {
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Needed when the server runs with --token",
+            }},
+            "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "object", "required": ["code", "message"],
                           "properties": {"code": {"type": "integer"},
@@ -2006,7 +2016,8 @@ def openapi_document() -> dict[str, Any]:
                 "finished_at": {"type": "string", "nullable": True},
                 "error": {"type": "string", "nullable": True},
             }},
-        }},
+            },
+        },
     }
 
 
@@ -2026,6 +2037,8 @@ table { border-collapse: collapse; } td { padding: 0 .8em 0 0; vertical-align: t
 <body>
 <h1>docker-job-dispatcher</h1>
 <p id="about"></p>
+<p><label>Bearer token (if the server needs one):
+<input id="token" type="password" size="40"></label></p>
 <div id="routes"></div>
 <script id="spec" type="application/json">__SPEC__</script>
 <script>
@@ -2084,7 +2097,9 @@ for (const [path, operations] of Object.entries(spec.paths)) {
       output.hidden = false;
       output.textContent = method.toUpperCase() + " " + url + " ...";
       try {
+        const token = document.getElementById("token").value;
         const reply = await fetch(url, {method: method.toUpperCase(),
+          headers: token ? {"Authorization": "Bearer " + token} : {},
           body: body ? body.value : undefined});
         const text = await reply.text();
         output.textContent = reply.status + " " + reply.statusText + "\\n" + text;
@@ -2122,6 +2137,18 @@ class MethodNotAllowed(DispatcherError):
         self.headers = {"Allow": ", ".join(allowed)}
 
 
+# The challenge sent with every 401.
+AUTHENTICATE = 'Bearer realm="docker-job-dispatcher"'
+
+
+class Unauthorized(RequestError):
+    """A request without the right token; its body is never read."""
+
+    def __init__(self):
+        super().__init__(401, "A valid bearer token is needed")
+        self.headers = {"WWW-Authenticate": AUTHENTICATE}
+
+
 class RawReply:
     """A reply body that is not JSON, with its content type."""
 
@@ -2144,6 +2171,7 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
         self.dispatcher = dispatcher
         self.options = options
         self.upkeep: Upkeep | None = None
+        self.token: str | None = options.token
         self.stopping = False
         self._slots = threading.BoundedSemaphore(options.max_connections)
         self._connections: dict[socket.socket, DispatcherHandler] = {}
@@ -2151,6 +2179,30 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, DispatcherHandler)
+        threading.Thread(target=self._reap_slow_clients, name="reaper",
+                         daemon=True).start()
+
+    def _reap_slow_clients(self) -> None:
+        """Close connections whose request has taken too long to arrive.
+
+        The socket timeout alone bounds each read, not the whole request:
+        a client sending a byte every few seconds would hold its thread
+        forever. An idle keep-alive connection is closed the same way.
+        """
+        limit = self.options.read_timeout
+        while not self.stopping:
+            time.sleep(REAPER_INTERVAL)
+            now = time.monotonic()
+            with self._connections_lock:
+                handlers = list(self._connections.items())
+            for request, handler in handlers:
+                since = handler.reading_since
+                if since is not None and now - since > limit:
+                    handler.reading_since = None
+                    try:
+                        request.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     def server_bind(self) -> None:
         """Bind; on an IPv6 address accept IPv4 clients as well."""
@@ -2160,7 +2212,7 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         """Serve the connection in a thread, or turn it away when full."""
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(timeout=SLOT_WAIT):
             try:
                 request.sendall(
                     plain_response(503, "The server is busy; try again shortly")
@@ -2239,6 +2291,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"docker-job-dispatcher/{__version__}"
     protocol_version = "HTTP/1.1"
     busy = False
+    reading_since: float | None = None
 
     def setup(self) -> None:
         """Apply the read timeout and register the connection."""
@@ -2251,12 +2304,25 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if self.server.stopping:
             self.close_connection = True
             return
+        self.reading_since = time.monotonic()
         try:
             super().handle_one_request()
         except socket.timeout:
             self.close_connection = True
         finally:
             self.busy = False
+            self.reading_since = None
+
+    def handle_expect_100(self) -> bool:
+        """Refuse a body before the client sends it, when we can tell."""
+        length = self.headers.get("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.server.options.max_body:
+            self.send_error(413, f"The body is larger than {self.server.options.max_body} bytes")
+            return False
+        if self.server.token and not self.authorized():
+            self.send_error(401, "A valid bearer token is needed")
+            return False
+        return super().handle_expect_100()
 
     def parse_request(self) -> bool:
         """Parse the request line and headers, then count as busy."""
@@ -2270,7 +2336,9 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain=None) -> None:
         """Answer protocol errors found by http.server in JSON too."""
         self.close_connection = True
-        self.reply(code, error_body(code, message or http.HTTPStatus(code).phrase))
+        headers = {"WWW-Authenticate": AUTHENTICATE} if code == 401 else {}
+        self.reply(code, error_body(code, message or http.HTTPStatus(code).phrase),
+                   headers)
 
     def do_GET(self) -> None:
         self.dispatch("GET")
@@ -2300,7 +2368,14 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         path = target.path.rstrip("/") or "/"
         self.query = urllib.parse.parse_qs(target.query, keep_blank_values=True)
         self.route_template = "other"
+        if not self.headers.get("Content-Length") and not self.headers.get(
+            "Transfer-Encoding"
+        ):
+            self.reading_since = None
         try:
+            if self.server.token and not path.startswith("/health/"):
+                if not self.authorized():
+                    raise Unauthorized()
             status, payload, headers = self.route(method, path)
         except DispatcherError as error:
             if isinstance(error, RequestError):
@@ -2319,6 +2394,15 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         )
         log.info("Answered %s %r with %d in %.1f ms", method, path, status,
                  elapsed * 1000)
+
+    def authorized(self) -> bool:
+        """Return whether the request carries the right bearer token."""
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(
+            credentials.strip().encode(), self.server.token.encode()
+        )
 
     def route(self, method: str, path: str) -> tuple[int, Any, dict[str, str]]:
         """Return the status, reply and extra headers for a request.
@@ -2567,6 +2651,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         data = self.rfile.read(size)
         if len(data) < size:
             raise RequestError(400, "The body is shorter than its Content-Length")
+        self.reading_since = None
         return data
 
     def read_chunked(self, limit: int) -> bytes:
@@ -2594,6 +2679,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             trailer = self.rfile.readline(1024)
             if trailer in (b"\r\n", b"\n", b""):
                 break
+        self.reading_since = None
         return b"".join(parts)
 
     def discard_body(self) -> None:
@@ -2711,6 +2797,11 @@ def namespace_name(text: str) -> str:
     return text
 
 
+def is_loopback(host: str) -> bool:
+    """Return whether a bind address is reachable from this machine only."""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; defaults come from the environment."""
     parser = argparse.ArgumentParser(
@@ -2777,6 +2868,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", type=one_of(*LOG_LEVELS, fold=str.upper), metavar="LEVEL",
         default=from_env("LOG_LEVEL", "INFO"),
         help="TRACE, DEBUG, INFO, WARN or ERROR (env LOG_LEVEL, default INFO)",
+    )
+    parser.add_argument(
+        "--token", metavar="TOKEN", default=from_env("TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on every route but "
+        "/health/* (env TOKEN; prefer --token-file, which stays out of ps)",
+    )
+    parser.add_argument(
+        "--token-file", metavar="PATH", default=from_env("TOKEN_FILE"),
+        help="read the token from a file (env TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--docker-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
+        default=from_env("DOCKER_TIMEOUT", "15"),
+        help="longest wait for an answer from Docker before a 502 "
+        "(env DOCKER_TIMEOUT, default 15)",
     )
     parser.add_argument(
         "--max-body", type=whole_number(1), metavar="BYTES",
@@ -2881,8 +2987,19 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == [FILTER_WORKER_FLAG]:
         return run_filter_worker()
-    options = build_parser().parse_args(arguments)
+    parser = build_parser()
+    options = parser.parse_args(arguments)
     configure_logging(options.log_level)
+    if options.token_file:
+        if options.token:
+            parser.error("give --token or --token-file, not both")
+        try:
+            with open(options.token_file, encoding="utf-8") as file:
+                options.token = file.read().strip()
+        except OSError as error:
+            parser.error(f"argument --token-file: {error}")
+    if options.token is not None and not options.token.strip():
+        parser.error("the token is empty")
 
     try:
         job_filter = make_filter(read_filter(options), options)
@@ -2893,7 +3010,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("The filter does not compile: %s", error)
         return 1
     try:
-        docker = DockerClient(docker_address(options.transport, dict(os.environ)))
+        docker = DockerClient(
+            docker_address(options.transport, dict(os.environ)),
+            timeout=options.docker_timeout,
+        )
     except (ValueError, OSError, ssl.SSLError) as error:
         log.error("Cannot set up the Docker connection: %s", error)
         return 1
@@ -2907,6 +3027,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--max-concurrent is 0: no job will ever be started")
     if options.keep_exited_for is None:
         log.warning("No --keep-exited-for: exited jobs are kept until removed by hand")
+    if not options.token and not is_loopback(options.host):
+        log.warning(
+            "No --token: anyone who can reach port %d can create containers, "
+            "which is root on this host", options.port,
+        )
 
     try:
         server = DispatcherServer((options.host, options.port), dispatcher, options)
