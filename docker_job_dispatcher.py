@@ -90,6 +90,9 @@ SLOT_WAIT = 2.0
 # How often the server looks for clients that send too slowly.
 REAPER_INTERVAL = 0.5
 
+# How long a stop waits for the requests in flight.
+STOP_GRACE = 30.0
+
 # A filter may need this many computed digests before we give up on it.
 MAX_DIGEST_ROUNDS = 32
 
@@ -1010,6 +1013,7 @@ class Dispatcher:
         self.max_concurrent = max_concurrent
         self.scheduler: Upkeep | None = None
         self.metrics = Metrics(namespace)
+        self.stopping = False
         # Notified whenever a job may have finished; waiters re-check.
         self.job_changed = threading.Condition()
 
@@ -1175,7 +1179,7 @@ class Dispatcher:
         while True:
             summary = self.get_job(job_id)
             remaining = deadline - time.monotonic()
-            if summary["state"] in FINISHED_STATES or remaining <= 0:
+            if summary["state"] in FINISHED_STATES or remaining <= 0 or self.stopping:
                 return summary
             with self.job_changed:
                 self.job_changed.wait(min(remaining, 1.0))
@@ -2161,10 +2165,13 @@ class RawReply:
 STREAMED = object()
 
 
-class DispatcherServer(http.server.ThreadingHTTPServer):
-    """A threaded HTTP server with a cap on the connections served at once."""
+class DispatcherServer(http.server.HTTPServer):
+    """An HTTP server with a thread per connection, up to a limit.
 
-    daemon_threads = True
+    Beyond the limit a new connection waits briefly for a slot, then gets
+    a 503. A stop lets the requests in flight finish.
+    """
+
     request_queue_size = 1024
 
     def __init__(self, address, dispatcher: Dispatcher, options: argparse.Namespace):
@@ -2175,6 +2182,7 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
         self.stopping = False
         self._slots = threading.BoundedSemaphore(options.max_connections)
         self._connections: dict[socket.socket, DispatcherHandler] = {}
+        self._threads: set[threading.Thread] = set()
         self._connections_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -2221,20 +2229,45 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            daemon=True,
+        )
+        with self._connections_lock:
+            self._threads.add(thread)
         try:
-            super().process_request(request, client_address)
-        except Exception:
+            thread.start()
+        except RuntimeError:
+            with self._connections_lock:
+                self._threads.discard(thread)
             self._slots.release()
-            raise
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         """Serve one connection, then give its slot back."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             with self._connections_lock:
                 self._connections.pop(request, None)
+                self._threads.discard(threading.current_thread())
             self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """Log a connection that failed outside any request, briefly."""
+        log.debug("Connection from %s failed", client_address[0], exc_info=True)
+
+    def wait_for_requests(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the connections to finish."""
+        deadline = time.monotonic() + timeout
+        with self._connections_lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def job_gauges(self) -> dict[str, int | None]:
         """Return the numbers of running and pending jobs, None if unknown."""
@@ -2264,7 +2297,7 @@ class DispatcherServer(http.server.ThreadingHTTPServer):
         with self._connections_lock:
             handlers = list(self._connections.items())
         for request, handler in handlers:
-            if not handler.busy:
+            if not handler.busy or handler.streaming:
                 try:
                     request.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -2291,6 +2324,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"docker-job-dispatcher/{__version__}"
     protocol_version = "HTTP/1.1"
     busy = False
+    streaming = False
     reading_since: float | None = None
 
     def setup(self) -> None:
@@ -2513,6 +2547,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             if not follow or head_only:
                 data = b"".join(log_chunks(response, multiplexed))
                 return 200, RawReply(data, content_type), {}
+            self.streaming = True
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.send_header("Transfer-Encoding", "chunked")
@@ -3062,6 +3097,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Stop taking connections, let requests in flight finish, then stop.
     server.close_idle_connections()
+    dispatcher.stopping = True
+    dispatcher.notify_job_changed()
+    server.wait_for_requests(STOP_GRACE)
     upkeep.stop()
     server.server_close()
     if isinstance(dispatcher.job_filter, FilterWorkers):
