@@ -2933,8 +2933,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--read-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
         default=from_env("READ_TIMEOUT", "15"),
-        help="close a connection that sends nothing for this long "
-        "(env READ_TIMEOUT, default 15)",
+        help="close a connection whose request has not arrived whole after "
+        "this long, or that sits idle this long (env READ_TIMEOUT, default 15)",
     )
     parser.add_argument(
         "--filter-workers", type=whole_number(0), metavar="N",
