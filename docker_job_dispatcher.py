@@ -267,6 +267,7 @@ class DockerClient:
         self.address = address
         self.timeout = timeout
         self.api_prefix = ""
+        self.podman = False
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._ssl_context = None
@@ -451,8 +452,12 @@ class DockerClient:
                 f"Docker speaks API {version}; at least "
                 f"{MIN_API_VERSION[0]}.{MIN_API_VERSION[1]} is needed"
             )
+        self.podman = "Libpod-Api-Version" in response.headers
         if self.api_prefix != "/v" + version:
-            log.info("Connected to Docker at %s, API %s", self.describe(), version)
+            log.info(
+                "Connected to %s at %s, API %s",
+                "Podman" if self.podman else "Docker", self.describe(), version,
+            )
         self.api_prefix = "/v" + version
         return version
 
@@ -463,9 +468,18 @@ class DockerClient:
     def create_container(
         self, name: str, config: dict[str, Any], platform: str | None
     ) -> dict[str, Any]:
-        """Create a container and return Docker's reply (``Id``)."""
+        """Create a container and return Docker's reply (``Id``).
+
+        A taken name raises DockerError 409, from Podman too, which
+        answers 500 there.
+        """
         query = {"name": name, "platform": platform}
-        return self.request("POST", "/containers/create", query, body=config)[1]
+        try:
+            return self.request("POST", "/containers/create", query, body=config)[1]
+        except DockerError as error:
+            if error.status == 500 and "already in use" in error.message:
+                raise DockerError(409, error.message) from None
+            raise
 
     def start_container(self, container: str) -> None:
         """Start a created container."""
@@ -477,6 +491,12 @@ class DockerClient:
 
     def list_containers(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
         """Return the summaries of all containers matching ``filters``."""
+        if not self.api_prefix:
+            self.negotiate()
+        if self.podman and "status" in filters:
+            # Podman refuses these state words, and has no such states.
+            statuses = [s for s in filters["status"] if s not in ("restarting", "dead")]
+            filters = {**filters, "status": statuses}
         query = {"all": True, "filters": filters}
         return self.request("GET", "/containers/json", query)[1] or []
 

@@ -151,10 +151,11 @@ def image():
             link.type = tarfile.SYMTYPE
             link.linkname = "busybox"
             tar.addfile(link)
-    name = f"djd-test:{RUN_ID}"
+    # Podman ignores the tag of an import: the run's id goes in the name.
+    name = f"djd-test-{RUN_ID}:latest"
     status, reply = docker(
         "POST", "/images/create",
-        query={"fromSrc": "-", "repo": "djd-test", "tag": RUN_ID},
+        query={"fromSrc": "-", "repo": f"djd-test-{RUN_ID}", "tag": "latest"},
         raw=buffer.getvalue(),
     )
     assert status == 200, reply
@@ -272,6 +273,8 @@ def start_dispatcher(namespace, image, tmp_path):
             if not key.startswith(("JOB_", "DOCKER_"))
         }
         environment.update({"JOB_IMAGE": image, "PYTHONUNBUFFERED": "1"})
+        if DOCKER_SOCKET != "/var/run/docker.sock":
+            environment["DOCKER_HOST"] = "unix://" + DOCKER_SOCKET
         environment.update(env or {})
         arguments = ["--host", "127.0.0.1", "-p", str(port), "-n", namespace]
         process = RunningDispatcher(
