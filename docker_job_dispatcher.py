@@ -514,6 +514,34 @@ class DockerClient:
         query = {"force": force, "v": True}
         self.request("DELETE", f"/containers/{quote(container)}", query)
 
+    # -- swarm services, for the swarm backend --
+
+    def create_service(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create a swarm service and return Docker's reply (``ID``)."""
+        return self.request("POST", "/services/create", body=spec)[1]
+
+    def inspect_service(self, service: str) -> dict[str, Any]:
+        """Return a service's description, its spec and version included."""
+        return self.request("GET", f"/services/{quote(service)}")[1]
+
+    def update_service(self, service: str, version: int, spec: dict[str, Any]) -> None:
+        """Replace a service's spec; ``version`` guards against lost updates."""
+        self.request(
+            "POST", f"/services/{quote(service)}/update", {"version": version}, body=spec
+        )
+
+    def remove_service(self, service: str) -> None:
+        """Remove a service and stop its tasks."""
+        self.request("DELETE", f"/services/{quote(service)}")
+
+    def list_services(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """Return the services matching ``filters``."""
+        return self.request("GET", "/services", {"filters": filters})[1] or []
+
+    def list_tasks(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """Return the swarm tasks matching ``filters``."""
+        return self.request("GET", "/tasks", {"filters": filters})[1] or []
+
 
 def quote(text: str) -> str:
     """Return ``text`` escaped for one URL path segment."""
@@ -1177,6 +1205,22 @@ class Dispatcher:
         log.debug("Fetched job %r", job_id)
         return job_summary(info)
 
+    def job_gauges(self) -> dict[str, int | None]:
+        """Return the numbers of running and pending jobs, None if unknown."""
+        try:
+            containers = self.docker.list_containers({
+                "label": [f"{NAMESPACE_LABEL}={self.namespace}"],
+                "status": ["created", "running", "restarting"],
+            })
+        except (DockerError, DockerUnavailable):
+            return {"jobs_running": None, "jobs_pending": None}
+        failed = self.scheduler.failed_ids() if self.scheduler else set()
+        running = sum(1 for c in containers if c["State"] != "created")
+        pending = sum(
+            1 for c in containers if c["State"] == "created" and c["Id"] not in failed
+        )
+        return {"jobs_running": running, "jobs_pending": pending}
+
     def dry_run(self, body_text: str, path: str) -> dict[str, Any]:
         """Return what a submission would send to Docker, creating nothing."""
         manifest = self.build_manifest(body_text, path)
@@ -1320,6 +1364,352 @@ def json_type(value: Any) -> str:
         return "an array"
     return "an object"
 
+
+
+# --- The swarm backend ----------------------------------------------------------
+
+# A placement constraint no node satisfies: it holds a job's task pending
+# until the scheduler lifts it.
+HOLD_CONSTRAINT = "node.id==docker-job-dispatcher-held"
+
+# Task states before a job's container runs, and while it runs.
+PENDING_TASK_STATES = (
+    "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready",
+)
+RUNNING_TASK_STATES = ("starting", "running")
+
+# Seconds after a container's death at which the swarm scheduler looks again.
+SWARM_SETTLE_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+# How the container restart policies of a manifest map onto a task's.
+RESTART_CONDITIONS = {"on-failure": "on-failure", "always": "any", "unless-stopped": "any"}
+
+
+def task_template(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return a swarm task template that runs a container manifest's job."""
+    host = manifest.get("HostConfig") or {}
+    container = {"Image": manifest.get("Image"), "Labels": manifest["Labels"]}
+    for source, target in (
+        ("Entrypoint", "Command"), ("Cmd", "Args"), ("Env", "Env"),
+        ("User", "User"), ("WorkingDir", "Dir"), ("Tty", "TTY"),
+        ("Hostname", "Hostname"), ("StopSignal", "StopSignal"),
+    ):
+        if manifest.get(source) not in (None, "", []):
+            container[target] = manifest[source]
+    for source, target in (
+        ("ReadonlyRootfs", "ReadOnly"), ("Init", "Init"), ("CapAdd", "CapabilityAdd"),
+        ("CapDrop", "CapabilityDrop"), ("Sysctls", "Sysctls"),
+    ):
+        if host.get(source) not in (None, "", []):
+            container[target] = host[source]
+
+    restart = host.get("RestartPolicy") or {}
+    template: dict[str, Any] = {
+        "ContainerSpec": container,
+        "RestartPolicy": {
+            "Condition": RESTART_CONDITIONS.get(restart.get("Name", ""), "none"),
+            "MaxAttempts": restart.get("MaximumRetryCount", 0),
+        },
+    }
+    limits = {}
+    for source, target in (
+        ("Memory", "MemoryBytes"), ("NanoCpus", "NanoCPUs"), ("PidsLimit", "Pids"),
+    ):
+        if host.get(source):
+            limits[target] = host[source]
+    if limits:
+        template["Resources"] = {"Limits": limits}
+    log_config = host.get("LogConfig") or {}
+    if log_config.get("Type"):
+        template["LogDriver"] = {
+            "Name": log_config["Type"], "Options": log_config.get("Config") or {}
+        }
+    network = host.get("NetworkMode")
+    if network and network not in ("default", "bridge"):
+        template["Networks"] = [{"Target": network}]
+    return template
+
+
+def latest_task(
+    service: dict[str, Any], tasks: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Return the task of a job's current run, or None before it exists.
+
+    Every update of a job service starts a new run (iteration); tasks of
+    earlier runs, such as the one held back, no longer count.
+    """
+    iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get(
+        "Index", 0
+    )
+    current = [
+        task for task in tasks
+        if (task.get("JobIteration") or {}).get("Index", 0) == iteration
+    ]
+    if not current:
+        return None
+    return max(current, key=lambda task: task.get("CreatedAt", ""))
+
+
+def is_held(service: dict[str, Any]) -> bool:
+    """Return whether a job service waits for the scheduler."""
+    template = (service.get("Spec") or {}).get("TaskTemplate") or {}
+    return HOLD_CONSTRAINT in ((template.get("Placement") or {}).get("Constraints") or [])
+
+
+def task_state(service: dict[str, Any], task: dict[str, Any] | None) -> dict[str, Any]:
+    """Return a container-like state for a job service and its current task.
+
+    The fields are those of Docker's container state, so that the summary
+    and status line read the same for both backends.
+    """
+    status = (task or {}).get("Status") or {}
+    word = status.get("State", "new")
+    moment = status.get("Timestamp") or ZERO_TIME
+    state = {"Status": "created", "StartedAt": ZERO_TIME, "FinishedAt": ZERO_TIME,
+             "ExitCode": 0, "Error": ""}
+    if is_held(service) or task is None or word in PENDING_TASK_STATES:
+        return state
+    if word in RUNNING_TASK_STATES:
+        return {**state, "Status": "running", "StartedAt": moment}
+
+    # The run is over: it exited, or it never got its container going.
+    error = status.get("Err") or ""
+    exit_code = (status.get("ContainerStatus") or {}).get("ExitCode", 0)
+    if word != "complete" and not error.startswith("task: non-zero exit") and word in (
+        "failed", "rejected"
+    ):
+        return {**state, "ExitCode": exit_code, "Error": error or f"task {word}"}
+    return {**state, "Status": "exited", "StartedAt": moment, "FinishedAt": moment,
+            "ExitCode": exit_code}
+
+
+def warn_unless_swarm_manager(docker: DockerClient) -> None:
+    """Log a warning when the daemon cannot manage swarm services."""
+    try:
+        swarm = docker.request("GET", "/info")[1].get("Swarm") or {}
+    except (DockerError, DockerUnavailable):
+        return
+    if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+        log.warning(
+            "Docker at %s is not a swarm manager: jobs cannot be created until it is",
+            docker.describe(),
+        )
+
+
+class SwarmDispatcher(Dispatcher):
+    """Jobs as swarm ``replicated-job`` services, one task each.
+
+    The filter's container manifest is mapped onto the service's task
+    template (a filter may give a native service spec instead, with a
+    ``TaskTemplate``). With a concurrency limit a job is created with a
+    placement constraint no node meets, and the scheduler lifts it.
+    """
+
+    def service_spec(self, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Return a job's name and the service spec for its manifest."""
+        manifest = dict(manifest)
+        name = manifest.pop("Name")
+        platform = manifest.pop("Platform", None)
+        labels = manifest.pop("Labels")
+        if "TaskTemplate" in manifest:
+            spec = manifest
+            template = spec["TaskTemplate"] = dict(spec["TaskTemplate"] or {})
+            container = template["ContainerSpec"] = dict(template.get("ContainerSpec") or {})
+            container["Labels"] = {**(container.get("Labels") or {}), **labels}
+        else:
+            spec = {
+                "TaskTemplate": task_template({**manifest, "Labels": labels}),
+                "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+            }
+        spec["Name"] = name
+        spec["Labels"] = labels
+        placement = spec["TaskTemplate"].setdefault("Placement", {})
+        if platform:
+            os_name, _, architecture = platform.partition("/")
+            placement["Platforms"] = [
+                {"OS": os_name, "Architecture": architecture.split("/")[0]}
+            ]
+        if self.max_concurrent is not None:
+            placement["Constraints"] = (placement.get("Constraints") or []) + [
+                HOLD_CONSTRAINT
+            ]
+        return name, spec
+
+    def dry_run(self, body_text: str, path: str) -> dict[str, Any]:
+        """Return the service spec a submission would create, creating nothing."""
+        manifest = self.build_manifest(body_text, path)
+        platform = manifest.get("Platform")
+        name, spec = self.service_spec(manifest)
+        return {"name": name, "platform": platform, "config": spec}
+
+    def submit(self, body_text: str, path: str) -> tuple[int, dict[str, Any]]:
+        """Create the job service a request describes."""
+        name, spec = self.service_spec(self.build_manifest(body_text, path))
+        log.debug("Creating job %r from %s", name, json.dumps(spec))
+        try:
+            self.docker.create_service(spec)
+        except DockerError as error:
+            if error.status == 409:
+                if self.inspect_job(name) is None:
+                    raise DispatcherError(
+                        409,
+                        f"A service named {name!r} exists but is not a job of "
+                        f"namespace {self.namespace!r}",
+                    ) from None
+                log.info("Found existing job %r", name)
+                return 200, {"id": name}
+            if error.status == 400:
+                raise DispatcherError(400, f"Docker refused the job: {error.message}")
+            raise DispatcherError(502, f"Docker failed to create the job: {error}")
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        log.info("Created job %r", name)
+        if self.max_concurrent is not None and self.scheduler is not None:
+            self.scheduler.wake()
+        return 201, {"id": name}
+
+    def start_job(self, name: str, reply_errors: bool = False) -> bool:
+        """Lift a held job's constraint so that swarm runs it."""
+        try:
+            service = self.docker.inspect_service(name)
+            spec = service["Spec"]
+            placement = spec["TaskTemplate"].setdefault("Placement", {})
+            placement["Constraints"] = [
+                constraint for constraint in placement.get("Constraints") or []
+                if constraint != HOLD_CONSTRAINT
+            ]
+            self.docker.update_service(service["ID"], service["Version"]["Index"], spec)
+        except (DockerError, DockerUnavailable) as error:
+            log.warning("Failed to start job %r: %s", name, error)
+            return False
+        log.info("Started job %r", name)
+        return True
+
+    def inspect_job(self, job_id: str) -> dict[str, Any] | None:
+        """Return a job service of our namespace with its tasks, or None."""
+        if not NAME_PATTERN.match(job_id):
+            return None
+        try:
+            service = self.docker.inspect_service(job_id)
+            spec = service.get("Spec") or {}
+            if spec.get("Name") != job_id or (spec.get("Labels") or {}).get(
+                NAMESPACE_LABEL
+            ) != self.namespace:
+                return None
+            service["Tasks"] = self.docker.list_tasks({"service": [service["ID"]]})
+        except DockerError as error:
+            if error.status == 404:
+                return None
+            raise DispatcherError(502, f"Docker failed to look up the job: {error}")
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        return service
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """Return the summary of a job service; raise 404 if none."""
+        service = self.inspect_job(job_id)
+        if service is None:
+            raise DispatcherError(404, f"Job {job_id!r} not found")
+        return self.summary(service, service["Tasks"])
+
+    def summary(self, service: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Return the API's description of a job service."""
+        task = latest_task(service, tasks)
+        state = task_state(service, task)
+        container_id = (((task or {}).get("Status") or {}).get("ContainerStatus") or {}).get(
+            "ContainerID"
+        )
+        if container_id and state["Status"] != "created":
+            # The container gives exact times when it runs on this node.
+            try:
+                exact = self.docker.inspect_container(container_id)["State"]
+                state["StartedAt"] = exact.get("StartedAt") or state["StartedAt"]
+                if state["Status"] == "exited":
+                    state["FinishedAt"] = exact.get("FinishedAt") or state["FinishedAt"]
+            except (DockerError, DockerUnavailable):
+                pass
+        info = {"Name": "/" + service["Spec"]["Name"], "Created": service.get("CreatedAt"),
+                "State": state}
+        return job_summary(info)
+
+    def delete_job(self, job_id: str, grace: int) -> None:
+        """Remove a job service; swarm stops its task."""
+        service = self.inspect_job(job_id)
+        if service is None:
+            raise DispatcherError(404, f"Job {job_id!r} not found")
+        try:
+            self.docker.remove_service(service["ID"])
+        except DockerError as error:
+            if error.status != 404:
+                raise DispatcherError(502, f"Docker failed to remove the job: {error}")
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        log.info("Deleted job %r", job_id)
+
+    def namespace_jobs(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Return the namespace's job services, each with its tasks."""
+        services = self.docker.list_services(
+            {"label": [f"{NAMESPACE_LABEL}={self.namespace}"]}
+        )
+        by_service: dict[str, list[dict[str, Any]]] = {}
+        if services:
+            for task in self.docker.list_tasks({}):
+                by_service.setdefault(task.get("ServiceID", ""), []).append(task)
+        return [(service, by_service.get(service["ID"], [])) for service in services]
+
+    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """Return the summaries of the namespace's jobs, newest first."""
+        try:
+            jobs = self.namespace_jobs()
+        except (DockerError, DockerUnavailable) as error:
+            raise DispatcherError(502, f"Docker failed to list jobs: {error}") from None
+        summaries = [self.summary(service, tasks) for service, tasks in jobs]
+        wanted = {
+            "pending": ("created",), "failed": ("failed",),
+            "running": ("running",), "exited": ("exited",),
+        }.get(state or "")
+        if wanted:
+            summaries = [summary for summary in summaries if summary["state"] in wanted]
+        summaries.sort(key=lambda summary: summary["created"] or 0, reverse=True)
+        return summaries[:limit]
+
+    def job_gauges(self) -> dict[str, int | None]:
+        """Return the numbers of running and held jobs across the swarm."""
+        try:
+            jobs = self.namespace_jobs()
+        except (DockerError, DockerUnavailable):
+            return {"jobs_running": None, "jobs_pending": None}
+        states = [task_state(service, latest_task(service, tasks)) for service, tasks in jobs]
+        return {
+            "jobs_running": sum(1 for state in states if state["Status"] == "running"),
+            "jobs_pending": sum(
+                1 for state in states if state["Status"] == "created" and not state["Error"]
+            ),
+        }
+
+    def open_logs(
+        self, job_id: str, options: dict[str, Any]
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bool]:
+        """Open a job service's log stream."""
+        service = self.inspect_job(job_id)
+        if service is None:
+            raise DispatcherError(404, f"Job {job_id!r} not found")
+        container = service["Spec"]["TaskTemplate"].get("ContainerSpec") or {}
+        try:
+            connection, response = self.docker.stream(
+                "GET",
+                f"/services/{quote(service['ID'])}/logs",
+                options,
+                timeout=None if options.get("follow") else self.docker.timeout,
+            )
+        except DockerError as error:
+            raise DispatcherError(
+                400 if error.status == 400 else 502,
+                f"Docker failed to give the logs: {error}",
+            ) from None
+        except DockerUnavailable as error:
+            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
+        return connection, response, not container.get("TTY")
 
 
 # --- Upkeep: scheduling and cleaning ----------------------------------------
@@ -1728,6 +2118,107 @@ class Upkeep:
                 self._mark_failed(
                     container["Id"], info["Name"].lstrip("/"), info["State"]["Error"]
                 )
+
+
+class SwarmUpkeep(Upkeep):
+    """Scheduling and cleaning for job services across a swarm.
+
+    The limit counts the namespace's jobs whose current task has not
+    finished, on any node; held jobs are released oldest first.
+    """
+
+    def __init__(self, dispatcher: SwarmDispatcher, interval: float,
+                 keep_exited_for: float | None):
+        super().__init__(dispatcher, interval, keep_exited_for)
+        # Released jobs whose new run swarm has not begun yet, by service id.
+        self._released: dict[str, int] = {}
+
+    def schedule(self) -> None:
+        """Release the oldest held jobs while slots are free."""
+        limit = self.dispatcher.max_concurrent
+        if not limit:
+            return
+        with self._lock:
+            starting = dict(self._starting)
+        occupied = len(starting)
+        held = []
+        for service, tasks in self.dispatcher.namespace_jobs():
+            service_id = service["ID"]
+            if service_id in starting:
+                continue
+            if is_held(service):
+                held.append(service)
+                continue
+            iteration = (service.get("JobStatus") or {}).get("JobIteration") or {}
+            if self._released.get(service_id) == iteration.get("Index", 0):
+                occupied += 1  # released, new run not begun yet
+                continue
+            self._released.pop(service_id, None)
+            task = latest_task(service, tasks)
+            if task is None or task["Status"]["State"] in (
+                PENDING_TASK_STATES + RUNNING_TASK_STATES
+            ):
+                occupied += 1
+        free = limit - occupied
+        if free <= 0:
+            return
+
+        held.sort(key=lambda service: (service.get("CreatedAt", ""), service["Spec"]["Name"]))
+        for service in held[:free]:
+            name = service["Spec"]["Name"]
+            iteration = (service.get("JobStatus") or {}).get("JobIteration") or {}
+            with self._lock:
+                self._starting[service["ID"]] = name
+            self._released[service["ID"]] = iteration.get("Index", 0)
+            threading.Thread(
+                target=self._release_job, args=(service["ID"], name), daemon=True
+            ).start()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """As for containers; a death also wakes the scheduler a few times more.
+
+        Swarm reports a task as finished a moment after its container
+        died, so the first pass after the event may find no free slot.
+        """
+        super()._on_event(event)
+        if (event.get("Action") or event.get("status")) == "die":
+            for delay in SWARM_SETTLE_DELAYS:
+                timer = threading.Timer(delay, self.wake)
+                timer.daemon = True
+                timer.start()
+
+    def _release_job(self, service_id: str, name: str) -> None:
+        """Release one held job, then free its in-flight mark."""
+        try:
+            if not self.dispatcher.start_job(name):
+                self._released.pop(service_id, None)
+        finally:
+            with self._lock:
+                self._starting.pop(service_id, None)
+            self.wake()
+
+    def clean(self) -> None:
+        """Remove the namespace's job services that finished long enough ago."""
+        keep = self.keep_exited_for
+        if keep is None:
+            return
+        now = time.time()
+        for service, tasks in self.dispatcher.namespace_jobs():
+            task = latest_task(service, tasks)
+            if is_held(service) or task is None:
+                continue
+            state = task_state(service, task)
+            if state["Status"] != "exited" and not state["Error"]:
+                continue
+            finished = parse_docker_time(task["Status"].get("Timestamp")) or now
+            if now - finished <= keep:
+                continue
+            try:
+                self.docker.remove_service(service["ID"])
+                log.info("Removed job %r", service["Spec"]["Name"])
+            except DockerError as error:
+                if error.status != 404:
+                    log.warning("Failed to remove job %r: %s", service["Spec"]["Name"], error)
 
 
 # --- Metrics and the API description -----------------------------------------
@@ -2289,23 +2780,6 @@ class DispatcherServer(http.server.HTTPServer):
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def job_gauges(self) -> dict[str, int | None]:
-        """Return the numbers of running and pending jobs, None if unknown."""
-        dispatcher = self.dispatcher
-        try:
-            containers = dispatcher.docker.list_containers({
-                "label": [f"{NAMESPACE_LABEL}={dispatcher.namespace}"],
-                "status": ["created", "running", "restarting"],
-            })
-        except (DockerError, DockerUnavailable):
-            return {"jobs_running": None, "jobs_pending": None}
-        failed = self.upkeep.failed_ids() if self.upkeep else set()
-        running = sum(1 for c in containers if c["State"] != "created")
-        pending = sum(
-            1 for c in containers if c["State"] == "created" and c["Id"] not in failed
-        )
-        return {"jobs_running": running, "jobs_pending": pending}
-
     def track(self, request: socket.socket, handler: Any) -> None:
         """Remember an open connection, so that a stop can close it."""
         with self._connections_lock:
@@ -2493,7 +2967,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             self.route_template = path
             self.expect(method, "GET", "HEAD")
             openmetrics = wants_openmetrics(self.headers.get("Accept"))
-            text = dispatcher.metrics.render(openmetrics, self.server.job_gauges())
+            text = dispatcher.metrics.render(openmetrics, dispatcher.job_gauges())
             content_type = OPENMETRICS_TYPE if openmetrics else PROMETHEUS_TYPE
             return 200, RawReply(text.encode(), content_type), {}
 
@@ -2914,6 +3388,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to reach Docker: socket, http or tls (env TRANSPORT, default socket)",
     )
     parser.add_argument(
+        "--backend", type=one_of("containers", "swarm"),
+        default=from_env("BACKEND", "containers"),
+        help="run jobs as containers of this daemon, or as swarm "
+        "replicated-job services across a swarm (env BACKEND, default containers)",
+    )
+    parser.add_argument(
         "-n", "--namespace", type=namespace_name, metavar="NAME",
         default=from_env("NAMESPACE", "default"),
         help=f"value of the {NAMESPACE_LABEL} label on every job "
@@ -3073,10 +3553,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Cannot set up the Docker connection: %s", error)
         return 1
 
-    dispatcher = Dispatcher(
+    swarm = options.backend == "swarm"
+    dispatcher = (SwarmDispatcher if swarm else Dispatcher)(
         docker, job_filter, options.namespace, options.max_concurrent
     )
-    upkeep = Upkeep(dispatcher, options.upkeep_interval, options.keep_exited_for)
+    upkeep = (SwarmUpkeep if swarm else Upkeep)(
+        dispatcher, options.upkeep_interval, options.keep_exited_for
+    )
+    if swarm:
+        threading.Thread(target=warn_unless_swarm_manager, args=(docker,),
+                         daemon=True).start()
     dispatcher.scheduler = upkeep
     if options.max_concurrent == 0:
         log.warning("--max-concurrent is 0: no job will ever be started")
