@@ -1127,8 +1127,6 @@ class Dispatcher:
                 log.warning("Refused job %r: %s", name, error.message)
                 raise DispatcherError(400, f"Docker refused the job: {error.message}")
             raise DispatcherError(502, f"Docker failed to create the job: {error}")
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         log.info("Created job %r", name)
 
         if self.max_concurrent is None:
@@ -1189,8 +1187,6 @@ class Dispatcher:
             if error.status == 404:
                 return None
             raise DispatcherError(502, f"Docker failed to look up the job: {error}")
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         # Docker also finds containers by id prefix: insist on the name.
         labels = (info.get("Config") or {}).get("Labels") or {}
         if info.get("Name") != "/" + job_id or labels.get(NAMESPACE_LABEL) != self.namespace:
@@ -1262,8 +1258,6 @@ class Dispatcher:
                 raise DispatcherError(
                     502, f"Docker failed to remove the job: {error}"
                 ) from None
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         log.info("Deleted job %r", job_id)
 
     def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
@@ -1277,10 +1271,7 @@ class Dispatcher:
         filters = {"label": [f"{NAMESPACE_LABEL}={self.namespace}"]}
         if statuses:
             filters["status"] = statuses
-        try:
-            containers = self.docker.list_containers(filters)
-        except (DockerError, DockerUnavailable) as error:
-            raise DispatcherError(502, f"Docker failed to list jobs: {error}") from None
+        containers = self.docker.list_containers(filters)
         containers.sort(key=lambda container: container["Created"], reverse=True)
 
         summaries = []
@@ -1291,8 +1282,6 @@ class Dispatcher:
                 info = self.docker.inspect_container(container["Id"])
             except DockerError:
                 continue  # removed meanwhile
-            except DockerUnavailable as error:
-                raise DispatcherError(502, f"Docker is unavailable: {error}") from None
             summary = job_summary(info)
             if state in ("pending", "failed") and (
                 (summary["state"] == "failed") != (state == "failed")
@@ -1310,10 +1299,16 @@ class Dispatcher:
         if info is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
         tty = bool((info.get("Config") or {}).get("Tty"))
+        return self.stream_logs(f"/containers/{quote(info['Id'])}/logs", options, tty)
+
+    def stream_logs(
+        self, path: str, options: dict[str, Any], tty: bool
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bool]:
+        """Open Docker's log stream at ``path``; return it and its framing."""
         try:
             connection, response = self.docker.stream(
                 "GET",
-                f"/containers/{quote(info['Id'])}/logs",
+                path,
                 options,
                 timeout=None if options.get("follow") else self.docker.timeout,
             )
@@ -1322,8 +1317,6 @@ class Dispatcher:
                 400 if error.status == 400 else 502,
                 f"Docker failed to give the logs: {error}",
             ) from None
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         return connection, response, not tty
 
 
@@ -1561,8 +1554,6 @@ class SwarmDispatcher(Dispatcher):
             if error.status == 400:
                 raise DispatcherError(400, f"Docker refused the job: {error.message}")
             raise DispatcherError(502, f"Docker failed to create the job: {error}")
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         log.info("Created job %r", name)
         if self.max_concurrent is not None and self.scheduler is not None:
             self.scheduler.wake()
@@ -1601,8 +1592,6 @@ class SwarmDispatcher(Dispatcher):
             if error.status == 404:
                 return None
             raise DispatcherError(502, f"Docker failed to look up the job: {error}")
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         return service
 
     def get_job(self, job_id: str) -> dict[str, Any]:
@@ -1642,8 +1631,6 @@ class SwarmDispatcher(Dispatcher):
         except DockerError as error:
             if error.status != 404:
                 raise DispatcherError(502, f"Docker failed to remove the job: {error}")
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
         log.info("Deleted job %r", job_id)
 
     def namespace_jobs(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -1659,10 +1646,7 @@ class SwarmDispatcher(Dispatcher):
 
     def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         """Return the summaries of the namespace's jobs, newest first."""
-        try:
-            jobs = self.namespace_jobs()
-        except (DockerError, DockerUnavailable) as error:
-            raise DispatcherError(502, f"Docker failed to list jobs: {error}") from None
+        jobs = self.namespace_jobs()
         summaries = [self.summary(service, tasks) for service, tasks in jobs]
         wanted = {
             "pending": ("created",), "failed": ("failed",),
@@ -1695,21 +1679,8 @@ class SwarmDispatcher(Dispatcher):
         if service is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
         container = service["Spec"]["TaskTemplate"].get("ContainerSpec") or {}
-        try:
-            connection, response = self.docker.stream(
-                "GET",
-                f"/services/{quote(service['ID'])}/logs",
-                options,
-                timeout=None if options.get("follow") else self.docker.timeout,
-            )
-        except DockerError as error:
-            raise DispatcherError(
-                400 if error.status == 400 else 502,
-                f"Docker failed to give the logs: {error}",
-            ) from None
-        except DockerUnavailable as error:
-            raise DispatcherError(502, f"Docker is unavailable: {error}") from None
-        return connection, response, not container.get("TTY")
+        path = f"/services/{quote(service['ID'])}/logs"
+        return self.stream_logs(path, options, bool(container.get("TTY")))
 
 
 # --- Upkeep: scheduling and cleaning ----------------------------------------
@@ -2910,6 +2881,12 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
             status, headers = error.status, getattr(error, "headers", {})
             payload = error_body(error.status, error.message)
+        except DockerUnavailable as error:
+            status, headers = 502, {}
+            payload = error_body(502, f"Docker is unavailable: {error}")
+        except DockerError as error:
+            status, headers = 502, {}
+            payload = error_body(502, f"Docker failed: {error}")
         except Exception:
             log.exception("Request %s %r failed", method, path)
             status, payload, headers = 500, error_body(500, "Internal error"), {}
@@ -3346,115 +3323,76 @@ def build_parser() -> argparse.ArgumentParser:
             "DOCKER_HOST, DOCKER_CERT_PATH and DOCKER_TLS_VERIFY."
         ),
     )
+
+    def option(*flags: str, env: str, default: str | None = None,
+               shown: str | None = None, help: str, **details: Any) -> None:
+        shown = shown or default
+        parser.add_argument(
+            *flags, default=from_env(env, default), **details,
+            help=f"{help} (env {env}" + (f", default {shown})" if shown else ")"),
+        )
+
     parser.add_argument(
-        "filter",
-        nargs="?",
-        metavar="FILTER",
+        "filter", nargs="?", metavar="FILTER",
         help="jq filter text (default: the built-in demo filter)",
     )
-    parser.add_argument(
-        "-f", "--from-file", metavar="PATH", default=from_env("FROM_FILE"),
-        help="read the filter from a file; wins over FILTER (env FROM_FILE)",
-    )
-    parser.add_argument(
-        "-p", "--port", type=whole_number(1, 65535), default=from_env("PORT", "8000"),
-        help="TCP port to listen on (env PORT, default 8000)",
-    )
-    parser.add_argument(
-        "--host", default=from_env("HOST", ""), metavar="ADDRESS",
-        help="address to bind (env HOST, default all interfaces)",
-    )
-    parser.add_argument(
-        "-m", "--max-concurrent", type=whole_number(0), metavar="N",
-        default=from_env("MAX_CONCURRENT"),
-        help="most jobs running at once; 0 never starts jobs "
-        "(env MAX_CONCURRENT, default unlimited)",
-    )
-    parser.add_argument(
-        "-k", "--keep-exited-for", type=seconds(0), metavar="SECONDS",
-        default=from_env("KEEP_EXITED_FOR"),
-        help="remove exited jobs this long after they finished "
-        "(env KEEP_EXITED_FOR, default keep forever)",
-    )
-    parser.add_argument(
-        "-u", "--upkeep-interval", type=seconds(1), metavar="SECONDS",
-        default=from_env("UPKEEP_INTERVAL", "3"),
-        help="seconds between scheduling and cleaning passes, at least 1 "
-        "(env UPKEEP_INTERVAL, default 3)",
-    )
-    parser.add_argument(
-        "-t", "--transport", type=one_of("socket", "http", "tls"),
-        default=from_env("TRANSPORT", "socket"),
-        help="how to reach Docker: socket, http or tls (env TRANSPORT, default socket)",
-    )
-    parser.add_argument(
-        "--backend", type=one_of("containers", "swarm"),
-        default=from_env("BACKEND", "containers"),
-        help="run jobs as containers of this daemon, or as swarm "
-        "replicated-job services across a swarm (env BACKEND, default containers)",
-    )
-    parser.add_argument(
-        "-n", "--namespace", type=namespace_name, metavar="NAME",
-        default=from_env("NAMESPACE", "default"),
-        help=f"value of the {NAMESPACE_LABEL} label on every job "
-        "(env NAMESPACE, default 'default')",
-    )
-    parser.add_argument(
-        "--log-level", type=one_of(*LOG_LEVELS, fold=str.upper), metavar="LEVEL",
-        default=from_env("LOG_LEVEL", "INFO"),
-        help="TRACE, DEBUG, INFO, WARN or ERROR (env LOG_LEVEL, default INFO)",
-    )
-    parser.add_argument(
-        "--token", metavar="TOKEN", default=from_env("TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every route but "
-        "/health/* (env TOKEN; prefer --token-file, which stays out of ps)",
-    )
-    parser.add_argument(
-        "--token-file", metavar="PATH", default=from_env("TOKEN_FILE"),
-        help="read the token from a file (env TOKEN_FILE)",
-    )
-    parser.add_argument(
-        "--docker-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
-        default=from_env("DOCKER_TIMEOUT", "15"),
-        help="longest wait for an answer from Docker before a 502 "
-        "(env DOCKER_TIMEOUT, default 15)",
-    )
-    parser.add_argument(
-        "--max-body", type=whole_number(1), metavar="BYTES",
-        default=from_env("MAX_BODY", str(DEFAULT_MAX_BODY)),
-        help=f"largest request body accepted (env MAX_BODY, default {DEFAULT_MAX_BODY})",
-    )
-    parser.add_argument(
-        "--max-connections", type=whole_number(1), metavar="N",
-        default=from_env("MAX_CONNECTIONS", "256"),
-        help="connections served at once; more get 503 "
-        "(env MAX_CONNECTIONS, default 256)",
-    )
-    parser.add_argument(
-        "--read-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
-        default=from_env("READ_TIMEOUT", "15"),
-        help="close a connection whose request has not arrived whole after "
-        "this long, or that sits idle this long (env READ_TIMEOUT, default 15)",
-    )
-    parser.add_argument(
-        "--filter-workers", type=whole_number(0), metavar="N",
-        default=from_env("FILTER_WORKERS", "2"),
-        help="worker processes that run the filter, so that a filter that "
-        "loops or eats memory cannot stall the server; 0 runs it in-process "
-        "without limits (env FILTER_WORKERS, default 2)",
-    )
-    parser.add_argument(
-        "--filter-timeout", type=seconds(0, inclusive=False), metavar="SECONDS",
-        default=from_env("FILTER_TIMEOUT", "2"),
-        help="longest a filter may run on one request; longer gets 400 "
-        "(env FILTER_TIMEOUT, default 2)",
-    )
-    parser.add_argument(
-        "--max-wait", type=seconds(0), metavar="SECONDS",
-        default=from_env("MAX_WAIT", "300"),
-        help="longest wait a GET /job/<id>?wait= may ask for "
-        "(env MAX_WAIT, default 300)",
-    )
+    option("-f", "--from-file", env="FROM_FILE", metavar="PATH",
+           help="read the filter from a file; wins over FILTER")
+    option("-p", "--port", env="PORT", default="8000", type=whole_number(1, 65535),
+           help="TCP port to listen on")
+    option("--host", env="HOST", default="", shown="all interfaces", metavar="ADDRESS",
+           help="address to bind")
+    option("-m", "--max-concurrent", env="MAX_CONCURRENT", shown="unlimited",
+           type=whole_number(0), metavar="N",
+           help="most jobs running at once; 0 never starts jobs")
+    option("-k", "--keep-exited-for", env="KEEP_EXITED_FOR", shown="keep forever",
+           type=seconds(0), metavar="SECONDS",
+           help="remove exited jobs this long after they finished")
+    option("-u", "--upkeep-interval", env="UPKEEP_INTERVAL", default="3",
+           type=seconds(1), metavar="SECONDS",
+           help="seconds between scheduling and cleaning passes, at least 1")
+    option("-t", "--transport", env="TRANSPORT", default="socket",
+           type=one_of("socket", "http", "tls"),
+           help="how to reach Docker: socket, http or tls")
+    option("--backend", env="BACKEND", default="containers",
+           type=one_of("containers", "swarm"),
+           help="run jobs as containers of this daemon, or as swarm "
+           "replicated-job services across a swarm")
+    option("-n", "--namespace", env="NAMESPACE", default="default",
+           type=namespace_name, metavar="NAME",
+           help=f"value of the {NAMESPACE_LABEL} label on every job")
+    option("--log-level", env="LOG_LEVEL", default="INFO",
+           type=one_of(*LOG_LEVELS, fold=str.upper), metavar="LEVEL",
+           help="TRACE, DEBUG, INFO, WARN or ERROR")
+    option("--token", env="TOKEN", metavar="TOKEN",
+           help="require 'Authorization: Bearer TOKEN' on every route but "
+           "/health/*; prefer --token-file, which stays out of ps")
+    option("--token-file", env="TOKEN_FILE", metavar="PATH",
+           help="read the token from a file")
+    option("--docker-timeout", env="DOCKER_TIMEOUT", default="15",
+           type=seconds(0, inclusive=False), metavar="SECONDS",
+           help="longest wait for an answer from Docker before a 502")
+    option("--max-body", env="MAX_BODY", default=str(DEFAULT_MAX_BODY),
+           type=whole_number(1), metavar="BYTES",
+           help="largest request body accepted")
+    option("--max-connections", env="MAX_CONNECTIONS", default="256",
+           type=whole_number(1), metavar="N",
+           help="connections served at once; more wait briefly, then get 503")
+    option("--read-timeout", env="READ_TIMEOUT", default="15",
+           type=seconds(0, inclusive=False), metavar="SECONDS",
+           help="close a connection whose request has not arrived whole after "
+           "this long, or that sits idle this long")
+    option("--filter-workers", env="FILTER_WORKERS", default="2",
+           type=whole_number(0), metavar="N",
+           help="worker processes that run the filter, so that a filter that "
+           "loops or eats memory cannot stall the server; 0 runs it in-process "
+           "without limits")
+    option("--filter-timeout", env="FILTER_TIMEOUT", default="2",
+           type=seconds(0, inclusive=False), metavar="SECONDS",
+           help="longest a filter may run on one request; longer gets 400")
+    option("--max-wait", env="MAX_WAIT", default="300",
+           type=seconds(0), metavar="SECONDS",
+           help="longest wait a GET /job/<id>?wait= may ask for")
     parser.add_argument(
         "-V", "--version", action="version", version=f"%(prog)s {__version__}"
     )
