@@ -526,9 +526,8 @@ class DockerClient:
 
     def update_service(self, service: str, version: int, spec: dict[str, Any]) -> None:
         """Replace a service's spec; ``version`` guards against lost updates."""
-        self.request(
-            "POST", f"/services/{quote(service)}/update", {"version": version}, body=spec
-        )
+        path = f"/services/{quote(service)}/update"
+        self.request("POST", path, {"version": version}, body=spec)
 
     def remove_service(self, service: str) -> None:
         """Remove a service and stop its tasks."""
@@ -1189,7 +1188,9 @@ class Dispatcher:
             raise DispatcherError(502, f"Docker failed to look up the job: {error}")
         # Docker also finds containers by id prefix: insist on the name.
         labels = (info.get("Config") or {}).get("Labels") or {}
-        if info.get("Name") != "/" + job_id or labels.get(NAMESPACE_LABEL) != self.namespace:
+        if info.get("Name") != "/" + job_id:
+            return None
+        if labels.get(NAMESPACE_LABEL) != self.namespace:
             return None
         return info
 
@@ -1299,9 +1300,9 @@ class Dispatcher:
         if info is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
         tty = bool((info.get("Config") or {}).get("Tty"))
-        return self.stream_logs(f"/containers/{quote(info['Id'])}/logs", options, tty)
+        return self.open_log_stream(f"/containers/{quote(info['Id'])}/logs", options, tty)
 
-    def stream_logs(
+    def open_log_stream(
         self, path: str, options: dict[str, Any], tty: bool
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bool]:
         """Open Docker's log stream at ``path``; return it and its framing."""
@@ -1320,7 +1321,9 @@ class Dispatcher:
         return connection, response, not tty
 
 
-def log_chunks(response: http.client.HTTPResponse, multiplexed: bool) -> Iterator[bytes]:
+def log_chunks(
+    response: http.client.HTTPResponse, multiplexed: bool
+) -> Iterator[bytes]:
     """Yield a Docker log stream's payload, with the frame headers removed."""
     if not multiplexed:
         while True:
@@ -1375,7 +1378,9 @@ RUNNING_TASK_STATES = ("starting", "running")
 SWARM_SETTLE_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 # How the container restart policies of a manifest map onto a task's.
-RESTART_CONDITIONS = {"on-failure": "on-failure", "always": "any", "unless-stopped": "any"}
+RESTART_CONDITIONS = {
+    "on-failure": "on-failure", "always": "any", "unless-stopped": "any"
+}
 
 
 def task_template(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -1446,7 +1451,8 @@ def latest_task(
 def is_held(service: dict[str, Any]) -> bool:
     """Return whether a job service waits for the scheduler."""
     template = (service.get("Spec") or {}).get("TaskTemplate") or {}
-    return HOLD_CONSTRAINT in ((template.get("Placement") or {}).get("Constraints") or [])
+    placement = template.get("Placement") or {}
+    return HOLD_CONSTRAINT in (placement.get("Constraints") or [])
 
 
 def task_state(service: dict[str, Any], task: dict[str, Any] | None) -> dict[str, Any]:
@@ -1507,8 +1513,9 @@ class SwarmDispatcher(Dispatcher):
         if "TaskTemplate" in manifest:
             spec = manifest
             template = spec["TaskTemplate"] = dict(spec["TaskTemplate"] or {})
-            container = template["ContainerSpec"] = dict(template.get("ContainerSpec") or {})
+            container = dict(template.get("ContainerSpec") or {})
             container["Labels"] = {**(container.get("Labels") or {}), **labels}
+            template["ContainerSpec"] = container
         else:
             spec = {
                 "TaskTemplate": task_template({**manifest, "Labels": labels}),
@@ -1601,13 +1608,14 @@ class SwarmDispatcher(Dispatcher):
             raise DispatcherError(404, f"Job {job_id!r} not found")
         return self.summary(service, service["Tasks"])
 
-    def summary(self, service: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    def summary(
+        self, service: dict[str, Any], tasks: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """Return the API's description of a job service."""
         task = latest_task(service, tasks)
         state = task_state(service, task)
-        container_id = (((task or {}).get("Status") or {}).get("ContainerStatus") or {}).get(
-            "ContainerID"
-        )
+        status = (task or {}).get("Status") or {}
+        container_id = (status.get("ContainerStatus") or {}).get("ContainerID")
         if container_id and state["Status"] != "created":
             # The container gives exact times when it runs on this node.
             try:
@@ -1617,8 +1625,11 @@ class SwarmDispatcher(Dispatcher):
                     state["FinishedAt"] = exact.get("FinishedAt") or state["FinishedAt"]
             except (DockerError, DockerUnavailable):
                 pass
-        info = {"Name": "/" + service["Spec"]["Name"], "Created": service.get("CreatedAt"),
-                "State": state}
+        info = {
+            "Name": "/" + service["Spec"]["Name"],
+            "Created": service.get("CreatedAt"),
+            "State": state,
+        }
         return job_summary(info)
 
     def delete_job(self, job_id: str, grace: int) -> None:
@@ -1663,11 +1674,14 @@ class SwarmDispatcher(Dispatcher):
             jobs = self.namespace_jobs()
         except (DockerError, DockerUnavailable):
             return {"jobs_running": None, "jobs_pending": None}
-        states = [task_state(service, latest_task(service, tasks)) for service, tasks in jobs]
+        states = [
+            task_state(service, latest_task(service, tasks)) for service, tasks in jobs
+        ]
         return {
             "jobs_running": sum(1 for state in states if state["Status"] == "running"),
             "jobs_pending": sum(
-                1 for state in states if state["Status"] == "created" and not state["Error"]
+                1 for state in states
+                if state["Status"] == "created" and not state["Error"]
             ),
         }
 
@@ -1680,7 +1694,7 @@ class SwarmDispatcher(Dispatcher):
             raise DispatcherError(404, f"Job {job_id!r} not found")
         container = service["Spec"]["TaskTemplate"].get("ContainerSpec") or {}
         path = f"/services/{quote(service['ID'])}/logs"
-        return self.stream_logs(path, options, bool(container.get("TTY")))
+        return self.open_log_stream(path, options, bool(container.get("TTY")))
 
 
 # --- Upkeep: scheduling and cleaning ----------------------------------------
@@ -1796,7 +1810,9 @@ class Upkeep:
                 self.clean()
         except (DockerError, DockerUnavailable) as error:
             if self._failing_since is None:
-                log.error("Upkeep failed, retrying every %g s: %s", self.interval, error)
+                log.error(
+                    "Upkeep failed, retrying every %g s: %s", self.interval, error
+                )
                 self._failing_since = time.monotonic()
             return
         except Exception:
@@ -1900,7 +1916,9 @@ class Upkeep:
                 self._created[container_id] = parse_docker_time(info["Created"]) or 0.0
             chosen.append(container)
         chosen.sort(
-            key=lambda container: (self._created[container["Id"]], container["Names"][0])
+            key=lambda container: (
+                self._created[container["Id"]], container["Names"][0]
+            )
         )
         return chosen[:count]
 
@@ -2134,7 +2152,9 @@ class SwarmUpkeep(Upkeep):
         if free <= 0:
             return
 
-        held.sort(key=lambda service: (service.get("CreatedAt", ""), service["Spec"]["Name"]))
+        held.sort(
+            key=lambda service: (service.get("CreatedAt", ""), service["Spec"]["Name"])
+        )
         for service in held[:free]:
             name = service["Spec"]["Name"]
             iteration = (service.get("JobStatus") or {}).get("JobIteration") or {}
@@ -2189,7 +2209,9 @@ class SwarmUpkeep(Upkeep):
                 log.info("Removed job %r", service["Spec"]["Name"])
             except DockerError as error:
                 if error.status != 404:
-                    log.warning("Failed to remove job %r: %s", service["Spec"]["Name"], error)
+                    log.warning(
+                        "Failed to remove job %r: %s", service["Spec"]["Name"], error
+                    )
 
 
 # --- Metrics and the API description -----------------------------------------
@@ -2239,7 +2261,9 @@ class Metrics:
         with self._lock:
             jobs = dict(self._jobs)
             requests = dict(self._requests)
-            durations = {route: list(series) for route, series in self._durations.items()}
+            durations = {
+                route: list(series) for route, series in self._durations.items()
+            }
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -2250,7 +2274,9 @@ class Metrics:
 
         family("jobs_total", "counter", "Job events seen in Docker, by action.")
         for (action, status), count in sorted(jobs.items()):
-            labels = metric_labels(namespace=self.namespace, action=action, status=status)
+            labels = metric_labels(
+                namespace=self.namespace, action=action, status=status
+            )
             lines.append(f"jobs_total{labels} {count}")
 
         for name, help_text in (
@@ -2259,7 +2285,8 @@ class Metrics:
         ):
             family(name, "gauge", help_text)
             if gauges.get(name) is not None:
-                lines.append(f"{name}{metric_labels(namespace=self.namespace)} {gauges[name]}")
+                labels = metric_labels(namespace=self.namespace)
+                lines.append(f"{name}{labels} {gauges[name]}")
 
         family("http_requests_total", "counter", "HTTP requests answered.")
         for (route, method, status), count in sorted(requests.items()):
@@ -2353,7 +2380,9 @@ def openapi_document() -> dict[str, Any]:
         "content": {"application/json": {"schema": {}}, "*/*": {"schema": {}}},
     }
     created = {
-        "201": {"description": "Job created", "content": json_content(schema_ref("JobId"))},
+        "201": {
+            "description": "Job created", "content": json_content(schema_ref("JobId"))
+        },
         "200": {
             "description": "The job existed already, or the dry run's result",
             "content": json_content(
@@ -2443,8 +2472,10 @@ def openapi_document() -> dict[str, Any]:
                     **error_responses(400, 401, 502, 503),
                 },
             }},
-            "/health/live": {"get": {"operationId": "live", "summary": "Is the server up",
-                                     "security": [], "responses": health}},
+            "/health/live": {"get": {
+                "operationId": "live", "summary": "Is the server up",
+                "security": [], "responses": health,
+            }},
             "/health/ready": {"get": {
                 "operationId": "ready", "summary": "Does Docker answer", "security": [],
                 "responses": {**health, **error_responses(503)},
@@ -2513,7 +2544,8 @@ DOCS_PAGE = """<!doctype html>
 <style>
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 60em;
        padding: 0 1em; color: #222; }
-section { border: 1px solid #ccc; border-radius: 6px; margin: 1em 0; padding: .6em 1em; }
+section { border: 1px solid #ccc; border-radius: 6px; margin: 1em 0;
+          padding: .6em 1em; }
 .method { font-weight: bold; display: inline-block; min-width: 4.5em; }
 code, textarea, pre { font-family: ui-monospace, monospace; font-size: 13px; }
 textarea { width: 100%; height: 6em; }
@@ -2816,7 +2848,8 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         """Refuse a body before the client sends it, when we can tell."""
         length = self.headers.get("Content-Length", "")
         if length.strip().isdigit() and int(length) > self.server.options.max_body:
-            self.send_error(413, f"The body is larger than {self.server.options.max_body} bytes")
+            limit = self.server.options.max_body
+            self.send_error(413, f"The body is larger than {limit} bytes")
             return False
         if self.server.token and not self.authorized():
             self.send_error(401, "A valid bearer token is needed")
@@ -2922,7 +2955,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             self.route_template = path
             self.expect(method, "GET", "HEAD")
             state = self.query_value("state")
-            if state is not None and state not in ("pending", "running", "exited", "failed"):
+            if state not in (None, "pending", "running", "exited", "failed"):
                 raise DispatcherError(
                     400, "state must be one of pending, running, exited, failed"
                 )
@@ -2976,7 +3009,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if rest.endswith("/logs") and "/" not in rest[: -len("/logs")]:
             self.route_template = "/job/{id}/logs"
             self.expect(method, "GET", "HEAD")
-            return self.stream_logs(rest[: -len("/logs")], method == "HEAD")
+            return self.open_log_stream(rest[: -len("/logs")], method == "HEAD")
 
         if not rest or "/" in rest:
             self.route_template = "/job/{path}" if rest else "/job"
@@ -2994,7 +3027,9 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         ceiling = self.server.options.max_wait
         return 200, dispatcher.wait_job(rest, min(wait, ceiling)), {}
 
-    def stream_logs(self, job_id: str, head_only: bool) -> tuple[int, Any, dict[str, str]]:
+    def stream_logs(
+        self, job_id: str, head_only: bool
+    ) -> tuple[int, Any, dict[str, str]]:
         """Send a job's output as text; with follow, stream it until it ends."""
         stdout = self.query_flag("stdout", True)
         stderr = self.query_flag("stderr", True)
@@ -3093,7 +3128,8 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             number = int(value) if whole else float(value)
         except ValueError:
             kind = "a whole number" if whole else "a number"
-            raise DispatcherError(400, f"{name} must be {kind}, not {value!r}") from None
+            message = f"{name} must be {kind}, not {value!r}"
+            raise DispatcherError(400, message) from None
         if number != number or number < minimum or (
             maximum is not None and number > maximum
         ):
@@ -3145,7 +3181,8 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             if length is not None:
                 raise RequestError(400, "Content-Length and Transfer-Encoding together")
             if encoding.strip().lower() != "chunked":
-                raise RequestError(501, f"Transfer-Encoding {encoding!r} is not supported")
+                message = f"Transfer-Encoding {encoding!r} is not supported"
+                raise RequestError(501, message)
             return self.read_chunked(limit)
         if length is None:
             return b""
@@ -3255,7 +3292,8 @@ def whole_number(minimum: int, maximum: int | None = None):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            message = f"{text!r} is not a whole number"
+            raise argparse.ArgumentTypeError(message) from None
         if value < minimum or (maximum is not None and value > maximum):
             span = f"from {minimum} to {maximum}" if maximum else f"at least {minimum}"
             raise argparse.ArgumentTypeError(f"{text!r} is out of range ({span})")
@@ -3271,7 +3309,8 @@ def seconds(minimum: float, inclusive: bool = True):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+            message = f"{text!r} is not a number of seconds"
+            raise argparse.ArgumentTypeError(message) from None
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
         if value < minimum or (not inclusive and value == minimum):
