@@ -1300,7 +1300,8 @@ class Dispatcher:
         if info is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
         tty = bool((info.get("Config") or {}).get("Tty"))
-        return self.open_log_stream(f"/containers/{quote(info['Id'])}/logs", options, tty)
+        path = f"/containers/{quote(info['Id'])}/logs"
+        return self.open_log_stream(path, options, tty)
 
     def open_log_stream(
         self, path: str, options: dict[str, Any], tty: bool
@@ -3009,7 +3010,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if rest.endswith("/logs") and "/" not in rest[: -len("/logs")]:
             self.route_template = "/job/{id}/logs"
             self.expect(method, "GET", "HEAD")
-            return self.open_log_stream(rest[: -len("/logs")], method == "HEAD")
+            return self.stream_logs(rest[: -len("/logs")], method == "HEAD")
 
         if not rest or "/" in rest:
             self.route_template = "/job/{path}" if rest else "/job"
