@@ -1163,6 +1163,8 @@ class Dispatcher:
             self.docker.start_container(name)
         except (DockerError, DockerUnavailable) as error:
             log.warning("Failed to start job %r: %s", name, error)
+            if self.scheduler is not None:
+                self.scheduler.wake()
             if reply_errors:
                 raise DispatcherError(
                     502, f"The job {name!r} was created but not started: {error}"
@@ -1831,8 +1833,14 @@ class Upkeep:
     # -- scheduling --
 
     def schedule(self) -> None:
-        """Start the oldest pending jobs while slots are free."""
+        """Start the oldest pending jobs while slots are free.
+
+        Without a limit jobs start at submission; the pass then only looks
+        for jobs whose start Docker refused, which are not pending.
+        """
         limit = self.dispatcher.max_concurrent
+        if limit is None:
+            self._find_failed_starts()
         if not limit:
             return
 
@@ -1938,13 +1946,16 @@ class Upkeep:
                 self._created.pop(container_id, None)
             self.wake()
 
-    def _mark_failed(self, container_id: str, name: str, message: str) -> None:
+    def _mark_failed(
+        self, container_id: str, name: str, message: str, announce: bool = True
+    ) -> None:
         """Remember that Docker refused to start a job, and say so once."""
         with self._lock:
             if container_id in self._failed:
                 return
             self._failed[container_id] = time.time()
-        log.warning("Failed to start job %r, not retrying: %s", name, message)
+        if announce:
+            log.warning("Failed to start job %r, not retrying: %s", name, message)
         self.dispatcher.notify_job_changed()
 
     # -- Docker's event stream --
@@ -2074,8 +2085,6 @@ class Upkeep:
 
         # Jobs that Docker refused to start have no finish time of their
         # own: they count as finished when the refusal was seen.
-        if self.dispatcher.max_concurrent is None:
-            self._find_failed_starts()
         with self._lock:
             failed = dict(self._failed)
         for container_id, when in list(finished.items()) + list(failed.items()):
@@ -2105,8 +2114,10 @@ class Upkeep:
             except DockerError:
                 continue
             if info["State"].get("Error"):
+                # Said when the submission failed, or before a restart.
                 self._mark_failed(
-                    container["Id"], info["Name"].lstrip("/"), info["State"]["Error"]
+                    container["Id"], info["Name"].lstrip("/"), info["State"]["Error"],
+                    announce=False,
                 )
 
 
@@ -3048,10 +3059,13 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             "follow": follow,
         }
         dispatcher = self.server.dispatcher
-        connection, response, multiplexed = dispatcher.open_logs(job_id, options)
         content_type = "text/plain; charset=utf-8"
+        if head_only:
+            dispatcher.get_job(job_id)  # 404 for an unknown job
+            return 200, RawReply(b"", content_type), {}
+        connection, response, multiplexed = dispatcher.open_logs(job_id, options)
         try:
-            if not follow or head_only:
+            if not follow:
                 data = b"".join(log_chunks(response, multiplexed))
                 return 200, RawReply(data, content_type), {}
             self.streaming = True
