@@ -78,6 +78,10 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 # How long one ordinary Docker call may take before the daemon counts as down.
 DOCKER_TIMEOUT = 30.0
 
+# A silent event stream is opened again after this many seconds, so that a
+# daemon that hangs is noticed.
+EVENTS_IDLE_TIMEOUT = 60.0
+
 # Readiness probes answer quickly, whatever the daemon does.
 PING_TIMEOUT = 3.0
 
@@ -309,6 +313,13 @@ class DockerClient:
                 return connection, True
         return self._new_connection(timeout), False
 
+    def close_idle(self) -> None:
+        """Close every pooled connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
     def _checkin(self, connection: http.client.HTTPConnection) -> None:
         """Put a connection whose reply was read in full back in the pool."""
         with self._lock:
@@ -335,6 +346,9 @@ class DockerClient:
                     ConnectionResetError) as error:
                 connection.close()
                 if reused and attempt == 1:
+                    # The daemon dropped its connections, so the other idle
+                    # ones are dead too: retry once on a new connection.
+                    self.close_idle()
                     continue
                 raise DockerUnavailable(
                     f"Docker closed the connection: {error}"
@@ -652,6 +666,11 @@ class JobFilter:
                 outputs.append(value)
                 if len(outputs) >= limit:
                     break
+        except ValueError:
+            if not outputs:
+                raise
+            # Only the first output counts; a later error does not matter.
+            finished = True
         finally:
             with self._lock:
                 self._programs.append(program)
@@ -1995,6 +2014,7 @@ class Upkeep:
                         "since": f"{seconds}.{nanoseconds:09d}",
                         "filters": {"type": ["container"], "label": [self.label]},
                     },
+                    timeout=EVENTS_IDLE_TIMEOUT,
                 )
             except (DockerError, DockerUnavailable) as error:
                 if not self._events_failing:
@@ -2020,6 +2040,12 @@ class Upkeep:
                         continue  # replayed after a reconnection
                     last_seen = max(last_seen, moment)
                     self._on_event(event)
+            except socket.timeout:
+                # A quiet stream, or a daemon that hangs: open it again, and
+                # the reconnection tells which.
+                connection.close()
+                self._events_connection = None
+                continue
             except (OSError, ValueError, http.client.HTTPException) as error:
                 log.debug("Docker's event stream broke: %s", error)
             finally:
@@ -3021,23 +3047,26 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if rest.endswith("/logs") and "/" not in rest[: -len("/logs")]:
             self.route_template = "/job/{id}/logs"
             self.expect(method, "GET", "HEAD")
-            return self.stream_logs(rest[: -len("/logs")], method == "HEAD")
+            job_id = urllib.parse.unquote(rest[: -len("/logs")])
+            return self.stream_logs(job_id, method == "HEAD")
 
         if not rest or "/" in rest:
             self.route_template = "/job/{path}" if rest else "/job"
             self.expect(method, "POST")
+        # Path segments are split first, then decoded: "%2F" is no separator.
+        job_id = urllib.parse.unquote(rest)
 
         self.route_template = "/job/{id}"
         self.expect(method, "GET", "HEAD", "POST", "DELETE")
         if method == "DELETE":
             grace = self.query_number("timeout", 10, 0, 3600, whole=True)
-            dispatcher.delete_job(rest, int(grace))
+            dispatcher.delete_job(job_id, int(grace))
             return 204, None, {}
         wait = self.query_number("wait", None, 0, None)
         if wait is None:
-            return 200, dispatcher.get_job(rest), {}
+            return 200, dispatcher.get_job(job_id), {}
         ceiling = self.server.options.max_wait
-        return 200, dispatcher.wait_job(rest, min(wait, ceiling)), {}
+        return 200, dispatcher.wait_job(job_id, min(wait, ceiling)), {}
 
     def stream_logs(
         self, job_id: str, head_only: bool
@@ -3192,6 +3221,8 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         """Return the raw body bytes, reading at most ``limit`` of them."""
         length = self.headers.get("Content-Length")
         encoding = self.headers.get("Transfer-Encoding")
+        if len(set(self.headers.get_all("Content-Length") or [])) > 1:
+            raise RequestError(400, "Conflicting Content-Length headers")
         if encoding is not None:
             if length is not None:
                 raise RequestError(400, "Content-Length and Transfer-Encoding together")

@@ -368,6 +368,9 @@ class DockerProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self.mode == "refuse" or listener is not self.listener:
+                client.close()  # accepted just before the listener closed
+                continue
             threading.Thread(target=self._serve, args=(client,),
                              daemon=True).start()
 
@@ -419,8 +422,8 @@ class DockerProxy:
                         target.sendall(data[: max(1, len(data) // 2)])
                         return
                     target.sendall(data)
-        except OSError:
-            pass
+        except (OSError, ValueError):
+            pass  # closed by drop() or close()
         finally:
             for sock in sockets:
                 try:
@@ -443,11 +446,12 @@ def proxy():
 class TestSmoke:
     def test_submit_creates_and_starts_a_job(self, start_dispatcher, namespace):
         dispatcher = start_dispatcher(env={"JOB_COMMAND": "echo"})
-        reply = dispatcher.submit({"id": "smoke", "args": ["hi"]})
+        name = f"demo-job-smoke-{namespace}"
+        reply = dispatcher.submit({"id": f"smoke-{namespace}", "args": ["hi"]})
         assert reply.status == 201, reply
-        assert reply.json == {"id": "demo-job-smoke"}
-        info = wait_for(lambda: (inspect("demo-job-smoke") or {}).get("State", {})
-                        .get("Status") == "exited" and inspect("demo-job-smoke"))
+        assert reply.json == {"id": name}
+        info = wait_for(lambda: (inspect(name) or {}).get("State", {})
+                        .get("Status") == "exited" and inspect(name))
         assert info["Config"]["Labels"][NAMESPACE_LABEL] == namespace
         assert info["State"]["ExitCode"] == 0
 
