@@ -3219,6 +3219,13 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
 
     def read_raw_body(self, limit: int) -> bytes:
         """Return the raw body bytes, reading at most ``limit`` of them."""
+        try:
+            return self._read_raw_body(limit)
+        except (socket.timeout, ConnectionError) as error:
+            raise RequestError(408, "The body did not arrive in time") from error
+
+    def _read_raw_body(self, limit: int) -> bytes:
+        """Read the body as ``read_raw_body`` does, socket errors unhandled."""
         length = self.headers.get("Content-Length")
         encoding = self.headers.get("Transfer-Encoding")
         if len(set(self.headers.get_all("Content-Length") or [])) > 1:
