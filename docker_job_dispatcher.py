@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import resource
-import secrets
 import select
 import signal
 import socket
@@ -608,13 +607,14 @@ CUID_ALPHABET = string.digits + string.ascii_lowercase
 
 def new_cuid2() -> str:
     """Return a fresh 24-character cuid2-style id: a letter, then base 36."""
-    entropy = secrets.token_bytes(32) + str(time.time_ns()).encode()
+    entropy = os.urandom(32) + str(time.time_ns()).encode()
     number = int.from_bytes(hashlib.sha3_512(entropy).digest(), "big")
-    digits = []
-    while len(digits) < 23:
+    number, letter = divmod(number, 26)
+    digits = [string.ascii_lowercase[letter]]
+    while len(digits) < 24:
         number, digit = divmod(number, 36)
         digits.append(CUID_ALPHABET[digit])
-    return secrets.choice(string.ascii_lowercase) + "".join(digits)
+    return "".join(digits)
 
 
 def digest(name: str, text: str) -> str:
