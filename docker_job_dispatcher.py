@@ -68,6 +68,9 @@ NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 # The label that groups every job of one dispatcher (or a fleet of them).
 NAMESPACE_LABEL = "docker-job-dispatcher.namespace"
 
+# The label that repeats a job's restart policy, for Docker's die events.
+RESTART_LABEL = "docker-job-dispatcher.restart-policy"
+
 # The oldest Engine API whose fields and behaviour we rely on.
 MIN_API_VERSION = (1, 41)
 
@@ -105,8 +108,16 @@ MAX_PROBED_TEXT = 256
 # Largest manifest a filter may produce, as JSON.
 MAX_FILTER_OUTPUT = 1024 * 1024
 
-# The hidden first argument that turns a process into a filter worker.
-FILTER_WORKER_FLAG = "--filter-worker"
+# How a filter worker starts: it imports this file as a module, so that
+# Python's bytecode cache spares it compiling the whole file again.
+FILTER_WORKER_BOOT = (
+    "import importlib.util, sys; "
+    "spec = importlib.util.spec_from_file_location("
+    "'docker_job_dispatcher', sys.argv[1]); "
+    "module = importlib.util.module_from_spec(spec); "
+    "spec.loader.exec_module(module); "
+    "sys.exit(module.run_filter_worker())"
+)
 
 # Address space a filter worker may use; beyond it the worker dies alone.
 FILTER_MEMORY_LIMIT = 1024 * 1024 * 1024
@@ -817,7 +828,7 @@ class FilterWorkers:
     def _spawn(self) -> subprocess.Popen:
         """Start a worker and hand it the filter."""
         worker = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), FILTER_WORKER_FLAG],
+            [sys.executable, "-c", FILTER_WORKER_BOOT, os.path.abspath(__file__)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
@@ -1126,7 +1137,12 @@ class Dispatcher:
                 400, "The filter's Labels must be an object of strings"
             )
         manifest = dict(manifest)
-        manifest["Labels"] = {**labels, NAMESPACE_LABEL: self.namespace}
+        restart = ((manifest.get("HostConfig") or {}).get("RestartPolicy") or {})
+        manifest["Labels"] = {
+            **labels,
+            NAMESPACE_LABEL: self.namespace,
+            RESTART_LABEL: str(restart.get("Name") or "no"),
+        }
         return manifest
 
     def submit(self, body_text: str, path: str) -> tuple[int, dict[str, Any]]:
@@ -1722,6 +1738,18 @@ class SwarmDispatcher(Dispatcher):
 # --- Upkeep: scheduling and cleaning ----------------------------------------
 
 
+def is_final_death(attributes: dict[str, str]) -> bool:
+    """Return whether a die event's container can no longer restart.
+
+    The restart policy comes from the label the dispatcher puts on every
+    job; without it, the death is not taken as final.
+    """
+    policy = attributes.get(RESTART_LABEL)
+    if policy in ("", "no"):
+        return True
+    return policy == "on-failure" and attributes.get("exitCode") == "0"
+
+
 class Upkeep:
     """Starts pending jobs within the limit and removes old exited jobs.
 
@@ -1752,8 +1780,9 @@ class Upkeep:
         self._events_connection: http.client.HTTPConnection | None = None
         # Start calls in flight, by container id.
         self._starting: dict[str, str] = {}
-        # Jobs whose die event came in lately, by container id.
-        self._died: dict[str, float] = {}
+        # Jobs whose die event came in lately, by container id: when, and
+        # whether the death is final (no restart can follow).
+        self._died: dict[str, tuple[float, bool]] = {}
         # Jobs Docker refused to start, with the time we saw it.
         self._failed: dict[str, float] = {}
         # Creation and finish times, which never change once known.
@@ -1877,8 +1906,12 @@ class Upkeep:
             container_id = container["Id"]
             if container_id in starting:
                 continue
-            if container_id in died and not self._still_active(container_id):
-                continue
+            if container_id in died:
+                # Docker may still list a dead container as running; a death
+                # it cannot come back from is trusted, others are checked.
+                _, final = died[container_id]
+                if final or not self._still_active(container_id):
+                    continue
             occupied += 1
         free = limit - occupied
         if free <= 0:
@@ -2066,13 +2099,17 @@ class Upkeep:
             )
         if action in ("die", "destroy"):
             self.dispatcher.notify_job_changed()
+        if action == "start":
+            with self._lock:  # restarted: it takes a slot again
+                self._died.pop(actor.get("ID") or "", None)
         if action != "die":
             return
         container_id = actor.get("ID") or event.get("id") or ""
+        attributes = actor.get("Attributes") or {}
         now = time.time()
         with self._lock:
-            self._died[container_id] = now
-            for known, when in list(self._died.items()):
+            self._died[container_id] = (now, is_final_death(attributes))
+            for known, (when, _) in list(self._died.items()):
                 if now - when > 60:
                     del self._died[known]
         log.debug(
@@ -2858,6 +2895,10 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     server: DispatcherServer
     server_version = f"docker-job-dispatcher/{__version__}"
     protocol_version = "HTTP/1.1"
+    # One write per reply, sent at once: headers and body in separate
+    # small writes would wait for the client's delayed ACK (about 40 ms).
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024
     busy = False
     streaming = False
     reading_since: float | None = None
@@ -2892,7 +2933,9 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if self.server.token and not self.authorized():
             self.send_error(401, "A valid bearer token is needed")
             return False
-        return super().handle_expect_100()
+        super().handle_expect_100()
+        self.wfile.flush()  # the client waits for it before sending the body
+        return True
 
     def parse_request(self) -> bool:
         """Parse the request line and headers, then count as busy."""
@@ -3549,11 +3592,8 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the dispatcher until SIGTERM or SIGINT; return the exit status."""
-    arguments = sys.argv[1:] if argv is None else argv
-    if arguments[:1] == [FILTER_WORKER_FLAG]:
-        return run_filter_worker()
     parser = build_parser()
-    options = parser.parse_args(arguments)
+    options = parser.parse_args(argv)
     configure_logging(options.log_level)
     if options.token_file:
         if options.token:

@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 DISPATCHER = HERE / "docker_job_dispatcher.py"
 DOCKER_SOCKET = os.environ.get("DJD_TEST_DOCKER_SOCKET", "/var/run/docker.sock")
 NAMESPACE_LABEL = "docker-job-dispatcher.namespace"
+RESTART_LABEL = "docker-job-dispatcher.restart-policy"
 RUN_ID = uuid.uuid4().hex[:8]
 
 
