@@ -65,6 +65,9 @@ log = logging.getLogger("docker-job-dispatcher")
 # Docker's rule for container names; also the rule for job ids we accept.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 
+# A platform as Docker takes it: os[/architecture[/variant]].
+PLATFORM_PATTERN = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+){0,2}$")
+
 # The label that groups every job of one dispatcher (or a fleet of them).
 NAMESPACE_LABEL = "docker-job-dispatcher.namespace"
 
@@ -98,6 +101,9 @@ REAPER_INTERVAL = 0.5
 
 # How long a stop waits for the requests in flight.
 STOP_GRACE = 30.0
+
+# How often a followed log stream that does not end by itself is checked.
+LOG_FOLLOW_CHECK = 5.0
 
 # A filter may need this many computed digests before we give up on it.
 MAX_DIGEST_ROUNDS = 32
@@ -404,7 +410,11 @@ class DockerClient:
             self._checkin(connection)
         log.log(TRACE, "Docker %s %s answered %s", method, url, response.status)
         if response.status >= 400:
-            raise DockerError(response.status, error_message(data, response.status))
+            message = error_message(data, response.status)
+            if response.status == 500 and "no such container" in message.lower():
+                # Podman's answer for a container on its way out.
+                raise DockerError(404, message)
+            raise DockerError(response.status, message)
         if not data:
             return response.status, None
         try:
@@ -499,11 +509,14 @@ class DockerClient:
         """
         query = {"name": name, "platform": platform}
         try:
-            return self.request("POST", "/containers/create", query, body=config)[1]
+            reply = self.request("POST", "/containers/create", query, body=config)[1]
         except DockerError as error:
             if error.status == 500 and "already in use" in error.message:
                 raise DockerError(409, error.message) from None
             raise
+        if not isinstance(reply, dict) or "Id" not in reply:
+            raise DockerUnavailable("Docker's reply to the create call was cut short")
+        return reply
 
     def start_container(self, container: str) -> None:
         """Start a created container."""
@@ -1091,6 +1104,8 @@ class Dispatcher:
         self.scheduler: Upkeep | None = None
         self.metrics = Metrics(namespace)
         self.stopping = False
+        # Whether Docker ends a followed log stream when the job ends.
+        self.log_streams_end = True
         # Notified whenever a job may have finished; waiters re-check.
         self.job_changed = threading.Condition()
 
@@ -1125,8 +1140,12 @@ class Dispatcher:
                 "(letters, digits, '_', '.', '-'; at least two characters)",
             )
         platform = manifest.get("Platform")
-        if platform is not None and not isinstance(platform, str):
-            raise DispatcherError(400, "The filter's Platform must be a string")
+        if platform is not None and not (
+            isinstance(platform, str) and PLATFORM_PATTERN.match(platform)
+        ):
+            raise DispatcherError(
+                400, "The filter's Platform must be a string like linux/amd64"
+            )
         labels = manifest.get("Labels")
         if labels is None:
             labels = {}
@@ -1153,7 +1172,7 @@ class Dispatcher:
         log.debug("Creating job %r from %s", name, json.dumps(manifest))
 
         try:
-            self.docker.create_container(name, manifest, platform)
+            created = self.docker.create_container(name, manifest, platform)
         except DockerError as error:
             if error.status == 409:
                 return self._existing_job(name)
@@ -1164,7 +1183,7 @@ class Dispatcher:
         log.info("Created job %r", name)
 
         if self.max_concurrent is None:
-            self.start_job(name, reply_errors=True)
+            self.start_job(created["Id"], name)
         elif self.scheduler is not None:
             self.scheduler.wake()
         return 201, {"id": name}
@@ -1186,27 +1205,32 @@ class Dispatcher:
             and not state.get("Error")
         ):
             # Created by an earlier request that could not start it.
-            self.start_job(name, reply_errors=True)
+            self.start_job(info["Id"], name)
         return 200, {"id": name}
 
-    def start_job(self, name: str, reply_errors: bool = False) -> bool:
-        """Start a created job; return whether Docker started it.
-
-        With ``reply_errors`` a failure raises DispatcherError (502).
-        """
+    def start_job(self, container_id: str, name: str) -> None:
+        """Start a created job; raise DispatcherError (502) if Docker fails."""
         try:
-            self.docker.start_container(name)
+            self.docker.start_container(container_id)
         except (DockerError, DockerUnavailable) as error:
             log.warning("Failed to start job %r: %s", name, error)
-            if self.scheduler is not None:
-                self.scheduler.wake()
-            if reply_errors:
-                raise DispatcherError(
-                    502, f"The job {name!r} was created but not started: {error}"
-                ) from None
-            return False
+            if isinstance(error, DockerError) and self.scheduler is not None:
+                self.scheduler.note_refusal(container_id, name, error.message)
+            raise DispatcherError(
+                502, f"The job {name!r} was created but not started: {error}"
+            ) from None
         log.info("Started job %r", name)
-        return True
+
+    def summarize(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Return a job's summary, with any refused start Docker forgot.
+
+        Podman keeps no trace of a refused start; the dispatcher does.
+        """
+        summary = job_summary(info)
+        refusal = self.scheduler.refusal(info.get("Id", "")) if self.scheduler else None
+        if refusal and summary["state"] == "created":
+            summary.update(state="failed", error=refusal)
+        return summary
 
     # -- lookups --
 
@@ -1237,7 +1261,7 @@ class Dispatcher:
         if info is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
         log.debug("Fetched job %r", job_id)
-        return job_summary(info)
+        return self.summarize(info)
 
     def job_gauges(self) -> dict[str, int | None]:
         """Return the numbers of running and pending jobs, None if unknown."""
@@ -1320,7 +1344,7 @@ class Dispatcher:
                 info = self.docker.inspect_container(container["Id"])
             except DockerError:
                 continue  # removed meanwhile
-            summary = job_summary(info)
+            summary = self.summarize(info)
             if state in ("pending", "failed") and (
                 (summary["state"] == "failed") != (state == "failed")
             ):
@@ -1542,6 +1566,10 @@ class SwarmDispatcher(Dispatcher):
     placement constraint no node meets, and the scheduler lifts it.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.log_streams_end = False
+
     def service_spec(self, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Return a job's name and the service spec for its manifest."""
         manifest = dict(manifest)
@@ -1604,8 +1632,8 @@ class SwarmDispatcher(Dispatcher):
             self.scheduler.wake()
         return 201, {"id": name}
 
-    def start_job(self, name: str, reply_errors: bool = False) -> bool:
-        """Lift a held job's constraint so that swarm runs it."""
+    def release_job(self, name: str) -> bool:
+        """Lift a held job's constraint so that swarm runs it; return success."""
         try:
             service = self.docker.inspect_service(name)
             spec = service["Spec"]
@@ -1671,10 +1699,30 @@ class SwarmDispatcher(Dispatcher):
         return job_summary(info)
 
     def delete_job(self, job_id: str, grace: int) -> None:
-        """Remove a job service; swarm stops its task."""
+        """Stop a job service's task, then remove the service.
+
+        Removing a running job service alone leaves its task running on
+        Docker before 24, so the job is first held back: that ends its run,
+        with the spec's StopGracePeriod set to ``grace``.
+        """
         service = self.inspect_job(job_id)
         if service is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
+        task = latest_task(service, service["Tasks"])
+        if task is not None and task["Status"]["State"] in RUNNING_TASK_STATES:
+            spec = service["Spec"]
+            spec["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] = grace * 10**9
+            placement = spec["TaskTemplate"].setdefault("Placement", {})
+            placement["Constraints"] = (placement.get("Constraints") or []) + [
+                HOLD_CONSTRAINT
+            ]
+            self.docker.update_service(service["ID"], service["Version"]["Index"], spec)
+            deadline = time.monotonic() + grace + 5
+            while time.monotonic() < deadline and any(
+                t["Status"]["State"] in RUNNING_TASK_STATES
+                for t in self.docker.list_tasks({"service": [service["ID"]]})
+            ):
+                time.sleep(0.2)
         try:
             self.docker.remove_service(service["ID"])
         except DockerError as error:
@@ -1783,13 +1831,16 @@ class Upkeep:
         # Jobs whose die event came in lately, by container id: when, and
         # whether the death is final (no restart can follow).
         self._died: dict[str, tuple[float, bool]] = {}
-        # Jobs Docker refused to start, with the time we saw it.
-        self._failed: dict[str, float] = {}
+        # Jobs Docker refused to start: when we saw it, and Docker's reason.
+        self._failed: dict[str, tuple[float, str]] = {}
         # Creation and finish times, which never change once known.
         self._created: dict[str, float] = {}
         self._finished: dict[str, float] = {}
         self._failing_since: float | None = None
         self._events_failing = False
+        # Event actions already counted from the list made at start.
+        self._counted_at_start: dict[str, set[str]] = {}
+        self._listed_at_start = 0.0
 
     # -- the loop --
 
@@ -1828,6 +1879,17 @@ class Upkeep:
         """Return the ids of the jobs Docker refused to start."""
         with self._lock:
             return set(self._failed)
+
+    def note_refusal(self, container_id: str, name: str, message: str) -> None:
+        """Remember a start that Docker refused at submission."""
+        self._mark_failed(container_id, name, message, announce=False)
+        self.wake()
+
+    def refusal(self, container_id: str) -> str | None:
+        """Return Docker's reason for refusing to start a job, if it did."""
+        with self._lock:
+            failed = self._failed.get(container_id)
+        return failed[1] if failed else None
 
     def _arm_timer(self) -> None:
         """Schedule the next tick."""
@@ -2005,7 +2067,7 @@ class Upkeep:
         with self._lock:
             if container_id in self._failed:
                 return
-            self._failed[container_id] = time.time()
+            self._failed[container_id] = (time.time(), message)
         if announce:
             log.warning("Failed to start job %r, not retrying: %s", name, message)
         self.dispatcher.notify_job_changed()
@@ -2022,9 +2084,13 @@ class Upkeep:
             {"label": [self.label], "status": ["created", "running", "restarting"]}
         )
         for container in containers:
-            self.dispatcher.metrics.count_job("create")
-            if container["State"] != "created":
-                self.dispatcher.metrics.count_job("start")
+            counted = {"create"} if container["State"] == "created" else {
+                "create", "start"}
+            for action in counted:
+                self.dispatcher.metrics.count_job(action)
+            # The stream replays events from before the list: skip those.
+            self._counted_at_start[container["Id"]] = counted
+        self._listed_at_start = time.time()
         return now
 
     def _follow_events(self) -> None:
@@ -2092,12 +2158,16 @@ class Upkeep:
         """Count a job event; on a death, wake the scheduler and waiters."""
         action = event.get("Action") or event.get("status") or ""
         actor = event.get("Actor") or {}
-        if action in ("create", "start", "die"):
+        counted = self._counted_at_start.get(actor.get("ID") or "", set())
+        moment = int(event.get("timeNano") or 0) / 1e9
+        if action in counted and moment <= self._listed_at_start:
+            counted.discard(action)
+        elif action in ("create", "start", "die"):
             exit_code = (actor.get("Attributes") or {}).get("exitCode", "")
             self.dispatcher.metrics.count_job(
                 action, exit_code if action == "die" else ""
             )
-        if action in ("die", "destroy"):
+        if action in ("die", "destroy", "remove"):  # Podman says remove
             self.dispatcher.notify_job_changed()
         if action == "start":
             with self._lock:  # restarted: it takes a slot again
@@ -2149,7 +2219,7 @@ class Upkeep:
         # Jobs that Docker refused to start have no finish time of their
         # own: they count as finished when the refusal was seen.
         with self._lock:
-            failed = dict(self._failed)
+            failed = {key: when for key, (when, _) in self._failed.items()}
         for container_id, when in list(finished.items()) + list(failed.items()):
             if now - when <= keep:
                 continue
@@ -2256,7 +2326,7 @@ class SwarmUpkeep(Upkeep):
     def _release_job(self, service_id: str, name: str) -> None:
         """Release one held job, then free its in-flight mark."""
         try:
-            if not self.dispatcher.start_job(name):
+            if not self.dispatcher.release_job(name):
                 self._released.pop(service_id, None)
         finally:
             with self._lock:
@@ -3145,20 +3215,57 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            watcher = threading.Thread(
+            threading.Thread(
                 target=self.close_when_client_leaves, args=(connection,), daemon=True
-            )
-            watcher.start()
+            ).start()
+            job_finished = threading.Event()
+            if not dispatcher.log_streams_end:
+                threading.Thread(
+                    target=self.close_when_job_finishes,
+                    args=(connection, job_id, job_finished),
+                    daemon=True,
+                ).start()
             try:
-                for chunk in log_chunks(response, multiplexed):
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.flush()
+                try:
+                    for chunk in log_chunks(response, multiplexed):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                except (OSError, http.client.HTTPException):
+                    if not job_finished.is_set():
+                        raise
                 self.wfile.write(b"0\r\n\r\n")
             except (OSError, http.client.HTTPException, ValueError):
                 self.close_connection = True
             return 200, STREAMED, {}
         finally:
             connection.close()
+
+    def close_when_job_finishes(
+        self,
+        connection: http.client.HTTPConnection,
+        job_id: str,
+        finished: threading.Event,
+    ) -> None:
+        """Close a followed log stream that Docker keeps open after the job.
+
+        Docker's service logs never end by themselves.
+        """
+        dispatcher = self.server.dispatcher
+        while connection.sock is not None:
+            try:
+                state = dispatcher.wait_job(job_id, LOG_FOLLOW_CHECK)["state"]
+            except DispatcherError:
+                state = "exited"  # removed meanwhile
+            if state in FINISHED_STATES or dispatcher.stopping:
+                time.sleep(LOG_FOLLOW_CHECK / 5)  # let the last lines through
+                break
+        finished.set()
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close_when_client_leaves(self, connection: http.client.HTTPConnection) -> None:
         """Close a log stream from Docker as soon as our client hangs up.
