@@ -65,6 +65,9 @@ log = logging.getLogger("docker-job-dispatcher")
 # Docker's rule for container names; also the rule for job ids we accept.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 
+# A decimal number as HTTP and our query parameters take it (ASCII only).
+DIGITS = re.compile(r"^\s*[0-9]+\s*$")
+
 # A platform as Docker takes it: os[/architecture[/variant]].
 PLATFORM_PATTERN = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+){0,2}$")
 
@@ -80,12 +83,15 @@ MIN_API_VERSION = (1, 41)
 # Docker's way of saying "this time was never set".
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
+# How long a taken name may take to show its container (see _existing_job).
+NAME_SETTLE_TIME = 2.0
+
 # How long one ordinary Docker call may take before the daemon counts as down.
 DOCKER_TIMEOUT = 30.0
 
 # A silent event stream is opened again after this many seconds, so that a
 # daemon that hangs is noticed.
-EVENTS_IDLE_TIMEOUT = 60.0
+EVENTS_IDLE_TIMEOUT = 20.0
 
 # Readiness probes answer quickly, whatever the daemon does.
 PING_TIMEOUT = 3.0
@@ -404,6 +410,12 @@ class DockerClient:
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             raise DockerUnavailable(f"Docker's reply broke off: {error}") from error
+        if response.getheader("Content-Length") is None and not response.chunked and (
+            response.status not in (204, 304)
+        ):
+            # Docker always gives a length or chunks: the headers were cut.
+            connection.close()
+            raise DockerUnavailable("Docker's reply broke off in its headers")
         if response.will_close:
             connection.close()
         else:
@@ -497,7 +509,9 @@ class DockerClient:
 
     def ping(self) -> None:
         """Raise unless the daemon answers a ping promptly."""
-        self.request("GET", "/_ping", timeout=PING_TIMEOUT)
+        reply = self.request("GET", "/_ping", timeout=PING_TIMEOUT)[1]
+        if reply != "OK":
+            raise DockerUnavailable(f"Docker's ping answered {reply!r}")
 
     def create_container(
         self, name: str, config: dict[str, Any], platform: str | None
@@ -1155,8 +1169,12 @@ class Dispatcher:
             raise DispatcherError(
                 400, "The filter's Labels must be an object of strings"
             )
+        host = manifest.get("HostConfig")
+        if host is not None and not isinstance(host, dict):
+            raise DispatcherError(400, "The filter's HostConfig must be an object")
         manifest = dict(manifest)
-        restart = ((manifest.get("HostConfig") or {}).get("RestartPolicy") or {})
+        restart = (host or {}).get("RestartPolicy")
+        restart = restart if isinstance(restart, dict) else {}
         manifest["Labels"] = {
             **labels,
             NAMESPACE_LABEL: self.namespace,
@@ -1176,7 +1194,9 @@ class Dispatcher:
         except DockerError as error:
             if error.status == 409:
                 return self._existing_job(name)
-            if error.status in (400, 404):
+            if error.status in (400, 404) or error.message.startswith(
+                "json: cannot unmarshal"  # Docker's 500 for a field of the wrong type
+            ):
                 log.warning("Refused job %r: %s", name, error.message)
                 raise DispatcherError(400, f"Docker refused the job: {error.message}")
             raise DispatcherError(502, f"Docker failed to create the job: {error}")
@@ -1189,9 +1209,21 @@ class Dispatcher:
         return 201, {"id": name}
 
     def _existing_job(self, name: str) -> tuple[int, dict[str, Any]]:
-        """Answer a submission whose name is taken: 200 if it is our job."""
-        info = self.inspect_job(name)
-        if info is None:
+        """Answer a submission whose name is taken: 200 if it is our job.
+
+        A concurrent submission of the same job may hold the name before its
+        container can be inspected: the lookup is tried again briefly.
+        """
+        deadline = time.monotonic() + NAME_SETTLE_TIME
+        while True:
+            try:
+                info = self.docker.inspect_container(name)
+                break
+            except DockerError as error:
+                if error.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        if not self.is_our_job(info, name):
             raise DispatcherError(
                 409,
                 f"A container named {name!r} exists but is not a job of "
@@ -1247,13 +1279,18 @@ class Dispatcher:
             if error.status == 404:
                 return None
             raise DispatcherError(502, f"Docker failed to look up the job: {error}")
-        # Docker also finds containers by id prefix: insist on the name.
+        return info if self.is_our_job(info, job_id) else None
+
+    def is_our_job(self, info: dict[str, Any], name: str) -> bool:
+        """Return whether an inspected container is the job of that name here.
+
+        Docker also finds containers by id prefix: the name must match.
+        """
         labels = (info.get("Config") or {}).get("Labels") or {}
-        if info.get("Name") != "/" + job_id:
-            return None
-        if labels.get(NAMESPACE_LABEL) != self.namespace:
-            return None
-        return info
+        return (
+            info.get("Name") == "/" + name
+            and labels.get(NAMESPACE_LABEL) == self.namespace
+        )
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         """Return the summary of a job; raise DispatcherError (404) if none."""
@@ -2970,6 +3007,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     wbufsize = 64 * 1024
     busy = False
+    body_read = False
     streaming = False
     reading_since: float | None = None
 
@@ -2996,7 +3034,10 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """Refuse a body before the client sends it, when we can tell."""
         length = self.headers.get("Content-Length", "")
-        if length.strip().isdigit() and int(length) > self.server.options.max_body:
+        if length and not DIGITS.match(length):
+            self.send_error(400, f"Invalid Content-Length {length!r}")
+            return False
+        if DIGITS.match(length) and int(length) > self.server.options.max_body:
             limit = self.server.options.max_body
             self.send_error(413, f"The body is larger than {limit} bytes")
             return False
@@ -3019,6 +3060,10 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain=None) -> None:
         """Answer protocol errors found by http.server in JSON too."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            # http.server's default before the version is parsed; it would
+            # leave out the status line and headers.
+            self.request_version = "HTTP/1.1"
         headers = {"WWW-Authenticate": AUTHENTICATE} if code == 401 else {}
         self.reply(code, error_body(code, message or http.HTTPStatus(code).phrase),
                    headers)
@@ -3051,9 +3096,11 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         path = target.path.rstrip("/") or "/"
         self.query = urllib.parse.parse_qs(target.query, keep_blank_values=True)
         self.route_template = "other"
-        if not self.headers.get("Content-Length") and not self.headers.get(
-            "Transfer-Encoding"
-        ):
+        self.body_read = False
+        has_body = bool(self.headers.get("Transfer-Encoding")) or (
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        )
+        if not has_body:
             self.reading_since = None
         try:
             if self.server.token and not path.startswith("/health/"):
@@ -3074,6 +3121,9 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("Request %s %r failed", method, path)
             status, payload, headers = 500, error_body(500, "Internal error"), {}
+        if has_body and not self.body_read:
+            # An unread body must not be taken for the next request.
+            self.close_connection = True
         if payload is not STREAMED:
             self.reply(status, payload, headers, head_only=method == "HEAD")
 
@@ -3190,7 +3240,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if not stdout and not stderr:
             raise DispatcherError(400, "At least one of stdout and stderr must be true")
         tail = self.query_value("tail") or "all"
-        if tail != "all" and not tail.isdigit():
+        if tail != "all" and not DIGITS.match(tail):
             raise DispatcherError(400, "tail must be a number of lines or 'all'")
         follow = self.query_flag("follow", False)
         options = {
@@ -3370,7 +3420,9 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
     def read_raw_body(self, limit: int) -> bytes:
         """Return the raw body bytes, reading at most ``limit`` of them."""
         try:
-            return self._read_raw_body(limit)
+            data = self._read_raw_body(limit)
+            self.body_read = True
+            return data
         except (socket.timeout, ConnectionError) as error:
             raise RequestError(408, "The body did not arrive in time") from error
 
@@ -3389,7 +3441,7 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
             return self.read_chunked(limit)
         if length is None:
             return b""
-        if not length.strip().isdigit():
+        if not DIGITS.match(length):
             raise RequestError(400, f"Invalid Content-Length {length!r}")
         size = int(length)
         if size > limit:
