@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import http.client
 import importlib
+import functools
 import io
 import json
 import math
@@ -137,6 +138,19 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05,
         time.sleep(interval)
 
 
+@functools.lru_cache(maxsize=None)
+def on_podman() -> bool:
+    """Return whether the test daemon is Podman, whose answers differ."""
+    connection = UnixConnection(DOCKER_SOCKET, 5)
+    try:
+        connection.request("GET", "/_ping")
+        response = connection.getresponse()
+        response.read()
+        return response.getheader("Libpod-Api-Version") is not None
+    finally:
+        connection.close()
+
+
 def daemon_available() -> bool:
     """Return whether a Docker daemon answers on the socket."""
     try:
@@ -177,6 +191,25 @@ def image():
     assert status == 200, reply
     yield name
     docker("DELETE", f"/images/{name}", query={"force": 1})
+
+
+# The job-route and upkeep tests, which also run against Podman. The rest
+# checks what only Docker does, or the dispatcher itself, and runs once.
+PODMAN_CLASSES = {
+    "TestRoutes", "TestJqLayer", "TestManifest", "TestDefaultFilter",
+    "TestLogging", "TestConcurrencyLimit", "TestNoStartLimit", "TestFastPath",
+    "TestPoisonJobs", "TestCleaning", "TestDaemonOutage", "TestRestartSafety",
+    "TestSignals", "TestLogs", "TestWait", "TestDelete", "TestDryRun",
+    "TestMetrics", "TestSmoke",
+}
+
+
+@pytest.fixture(autouse=True)
+def only_job_tests_on_podman(request):
+    """Skip, against Podman, the tests that do not concern it."""
+    if on_podman() and (request.cls is None
+                        or request.cls.__name__ not in PODMAN_CLASSES):
+        pytest.skip("runs against Docker only")
 
 
 @pytest.fixture
@@ -1055,8 +1088,10 @@ class TestRoutes:
 
     def test_answer_400_when_docker_refuses_manifest(self, jobs, namespace):
         reply = post(jobs, b'{"n": 1, "image": "no-such-image:nope"}')
-        assert_error(reply, 400,
-                     "Docker refused the job: No such image: no-such-image:nope")
+        message = assert_error(reply, 400)
+        assert message.startswith("Docker refused the job: "), message
+        assert "no such image" in message.lower(), message
+        assert "no-such-image" in message, message
         assert inspect(job_name(namespace, 1)) is None
 
 
@@ -1280,11 +1315,12 @@ class TestManifest:
         assert reply.status == 201, reply
         assert inspect(job_name(namespace, 1)) is not None
 
-        reply = dispatcher.submit({"n": 2, "platform": "nope"})
-        message = assert_error(reply, 400)
-        assert message.startswith("Docker refused the job: "), message
-        assert '"nope": unknown operating system or architecture' in message
-        assert inspect(job_name(namespace, 2)) is None
+        if not on_podman():  # Podman ignores a platform it does not know
+            reply = dispatcher.submit({"n": 2, "platform": "nope"})
+            message = assert_error(reply, 400)
+            assert message.startswith("Docker refused the job: "), message
+            assert '"nope": unknown operating system or architecture' in message
+            assert inspect(job_name(namespace, 2)) is None
 
         for platform in (5, "linux amd64", "linux/amd64/v8/x", ""):
             reply = dispatcher.submit({"n": 3, "platform": platform})
@@ -1336,7 +1372,7 @@ class TestDefaultFilter:
 
         info = wait_for(lambda: exited(name), message=f"{name} to exit")
         config, host = info["Config"], info["HostConfig"]
-        assert config["Image"] == image
+        assert config["Image"] in (image, "docker.io/library/" + image)  # Podman
         assert config["Entrypoint"] == ["timeout", "30", "echo"]
         assert config["Cmd"] == ["hello", "world"]
         assert "FOO=bar" in config["Env"]
@@ -1347,8 +1383,9 @@ class TestDefaultFilter:
         assert host["NetworkMode"] == "none"
         assert host["RestartPolicy"] == {"Name": "on-failure",
                                          "MaximumRetryCount": 4}
-        assert host["LogConfig"] == {
-            "Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}}
+        assert host["LogConfig"]["Type"] == "json-file"
+        if not on_podman():  # Podman applies the size but does not show it
+            assert host["LogConfig"]["Config"] == {"max-size": "10m", "max-file": "1"}
         assert info["State"]["ExitCode"] == 0
         status, output = docker("GET", f"/containers/{name}/logs",
                                 query={"stdout": 1, "stderr": 1})
@@ -1367,8 +1404,10 @@ class TestDefaultFilter:
         assert info["HostConfig"]["NetworkMode"] != "none"
         assert info["HostConfig"]["RestartPolicy"] == {
             "Name": "on-failure", "MaximumRetryCount": 2}
-        assert info["HostConfig"]["LogConfig"] == {
-            "Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}}
+        assert info["HostConfig"]["LogConfig"]["Type"] == "json-file"
+        if not on_podman():
+            assert info["HostConfig"]["LogConfig"]["Config"] == {
+                "max-size": "10m", "max-file": "1"}
 
     @pytest.mark.parametrize("ttl, entrypoint", [
         ("1.5m", ["timeout", "1.5m", "echo"]),
@@ -3010,7 +3049,7 @@ class TestDelete:
         assert status == 200
         actions = [json.loads(line)["Action"]
                    for line in events.splitlines() if line.strip()]
-        assert "destroy" in actions
+        assert "destroy" in actions or "remove" in actions  # Podman: remove
         assert "start" not in actions
 
     def test_delete_unknown_job_answers_404(self, start_dispatcher):
@@ -3078,7 +3117,8 @@ class TestList:
         failed = submit_job(unlimited, "true", tag="failed", status=502,
                             entrypoint=["/no/such/binary"])
         info = inspect(failed)
-        assert info["State"]["Status"] == "created" and info["State"]["Error"]
+        assert info["State"]["Status"] == "created"
+        assert info["State"]["Error"] or on_podman()  # Podman keeps no trace
         return dispatcher, {"exited": exited, "running": running,
                             "pending": pending, "failed": failed}
 
@@ -4690,8 +4730,8 @@ class TestLoad:
                                 f"names; missing {sorted(distinct - set(names))[:5]}")
 
             def everything_ran() -> bool:
-                return not namespace_containers(
-                    namespace, ["created", "running", "restarting"])
+                return all(container["State"] in ("exited", "dead")
+                           for container in namespace_containers(namespace))
 
             wait_for(everything_ran, timeout=120 + LOAD_SUBMISSIONS * 0.5,
                      interval=1, message="every job to run")
