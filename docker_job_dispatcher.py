@@ -1118,8 +1118,10 @@ class Dispatcher:
         self.scheduler: Upkeep | None = None
         self.metrics = Metrics(namespace)
         self.stopping = False
-        # Whether Docker ends a followed log stream when the job ends.
+        # Whether Docker ends a followed log stream when the job ends, and
+        # gives the last lines of a log reliably.
         self.log_streams_end = True
+        self.log_tail_by_docker = True
         # Notified whenever a job may have finished; waiters re-check.
         self.job_changed = threading.Condition()
 
@@ -1297,7 +1299,7 @@ class Dispatcher:
         info = self.inspect_job(job_id)
         if info is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
-        log.debug("Fetched job %r", job_id)
+        log.info("Fetched job %r", job_id)
         return self.summarize(info)
 
     def job_gauges(self) -> dict[str, int | None]:
@@ -1606,6 +1608,7 @@ class SwarmDispatcher(Dispatcher):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.log_streams_end = False
+        self.log_tail_by_docker = False
 
     def service_spec(self, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Return a job's name and the service spec for its manifest."""
@@ -1709,6 +1712,7 @@ class SwarmDispatcher(Dispatcher):
         service = self.inspect_job(job_id)
         if service is None:
             raise DispatcherError(404, f"Job {job_id!r} not found")
+        log.info("Fetched job %r", job_id)
         return self.summary(service, service["Tasks"])
 
     def summary(
@@ -3243,14 +3247,16 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         if tail != "all" and not DIGITS.match(tail):
             raise DispatcherError(400, "tail must be a number of lines or 'all'")
         follow = self.query_flag("follow", False)
+        dispatcher = self.server.dispatcher
+        # Docker's tail of a service's logs sometimes gives nothing at all.
+        tail_here = tail != "all" and not follow and not dispatcher.log_tail_by_docker
         options = {
             "stdout": stdout,
             "stderr": stderr,
-            "tail": tail,
+            "tail": "all" if tail_here else tail,
             "timestamps": self.query_flag("timestamps", False),
             "follow": follow,
         }
-        dispatcher = self.server.dispatcher
         content_type = "text/plain; charset=utf-8"
         if head_only:
             dispatcher.get_job(job_id)  # 404 for an unknown job
@@ -3259,6 +3265,10 @@ class DispatcherHandler(http.server.BaseHTTPRequestHandler):
         try:
             if not follow:
                 data = b"".join(log_chunks(response, multiplexed))
+                if tail_here:
+                    lines = data.splitlines(keepends=True)
+                    count = int(tail)
+                    data = b"".join(lines[-count:]) if count else b""
                 return 200, RawReply(data, content_type), {}
             self.streaming = True
             self.send_response(200)

@@ -162,7 +162,7 @@ def daemon_available() -> bool:
 # --- Fixtures: image, namespace, dispatcher --------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def image():
     """Return the name of a tiny image with busybox, made for this run."""
     if not daemon_available():
@@ -1472,7 +1472,7 @@ def make_tls_files(root) -> None:
                 "-out", f"{name}-cert.pem", "-extfile", f"{name}.ext")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     """Return a directory with CAs and certificates made for this run."""
     root = tmp_path_factory.mktemp("tls")
@@ -4927,9 +4927,9 @@ def network_names() -> set[str]:
     return {network["Name"] for network in networks}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def swarm(image):
-    """Make the daemon a single-node swarm for the session, then leave it.
+    """Make the daemon a single-node swarm for these tests, then leave it.
 
     A daemon that is in a swarm already (one made by another run, in
     progress or crashed, or one of its own) is left alone: the swarm
