@@ -15,15 +15,22 @@ Every option also reads an environment variable of its name in upper case;
 ``--help`` lists them. The Docker connection follows the Docker client
 conventions: ``DOCKER_HOST``, ``DOCKER_CERT_PATH`` and ``DOCKER_TLS_VERIFY``.
 
+It also runs against Podman's Docker-compatible API, and with ``--backend
+swarm`` runs each job as a swarm ``replicated-job`` service instead.
+
 Known limitations:
 
-- A jq evaluation holds Python's global interpreter lock: a filter that
-  loops for a long time on some input stalls every other request meanwhile.
+- A jq evaluation holds Python's global interpreter lock and cannot be
+  interrupted, so filters run in worker processes that can be killed; with
+  ``--filter-workers 0`` a filter that loops stalls every other request.
 - ``cuid2`` gives one fresh id per evaluation: calling it twice in the same
   filter run returns the same id.
 - A job that Docker refused to start has no finish time in Docker; the
   cleaner counts it as finished when this process first saw it fail, so a
-  restart of the dispatcher restarts that clock.
+  restart of the dispatcher restarts that clock. Podman keeps no trace of
+  the refusal at all: after a restart such a job shows as created again.
+- On a swarm, ``jobs_total`` sees only the containers of the manager's own
+  node, and a task whose container is starting shows as running.
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ import resource
 import select
 import signal
 import socket
-import socketserver
 import ssl
 import string
 import subprocess
@@ -50,7 +56,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterator
 
 import jq
