@@ -2231,8 +2231,8 @@ class Upkeep:
                     del self._died[known]
         log.debug(
             "Job %r died with exit code %s",
-            (actor.get("Attributes") or {}).get("name"),
-            (actor.get("Attributes") or {}).get("exitCode"),
+            attributes.get("name"),
+            attributes.get("exitCode"),
         )
         self.wake()
 

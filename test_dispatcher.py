@@ -1892,6 +1892,11 @@ def log_lines(dispatcher: RunningDispatcher, text: str) -> list[str]:
     return [line for line in dispatcher.log.splitlines() if text in line]
 
 
+def warnings_about(dispatcher: RunningDispatcher, text: str) -> list[str]:
+    """Return the dispatcher's warning lines that contain ``text``."""
+    return [line for line in log_lines(dispatcher, text) if line.startswith("WARN")]
+
+
 def submit_concurrently(dispatcher: RunningDispatcher, bodies: list[dict]):
     """Send all submissions at once from threads; return the replies."""
     barrier = threading.Barrier(len(bodies))
@@ -2026,10 +2031,7 @@ class TestConcurrencyLimit:
 class TestNoStartLimit:
     def test_zero_limit_never_starts_jobs(self, start_dispatcher, namespace):
         dispatcher = start_dispatcher("-m", "0", "-u", "1", UPKEEP_JOB_FILTER)
-        warnings = [
-            line for line in log_lines(dispatcher, "max-concurrent is 0")
-            if line.startswith("WARN")
-        ]
+        warnings = warnings_about(dispatcher, "max-concurrent is 0")
         assert len(warnings) == 1, dispatcher.log
 
         name = f"{namespace}-never"
@@ -2166,10 +2168,7 @@ class TestCleaning:
         self, start_dispatcher, namespace
     ):
         dispatcher = start_dispatcher("-m", "4", "-u", "1", UPKEEP_JOB_FILTER)
-        warnings = [
-            line for line in log_lines(dispatcher, "exited jobs are kept")
-            if line.startswith("WARN")
-        ]
+        warnings = warnings_about(dispatcher, "exited jobs are kept")
         assert len(warnings) == 1, dispatcher.log
 
         name = f"{namespace}-kept"
